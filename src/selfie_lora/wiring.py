@@ -480,7 +480,8 @@ def build_services(
     # user's: the database is not touched while building) leaves it to the reconciler's rounds
     # and /readyz.
     clock_guard = ClockGuard(database_clock=database_clock or server_clock(engine),
-                             max_skew=settings.max_clock_skew_seconds, clock=clock or utcnow)
+                             max_skew=settings.max_clock_skew_seconds, clock=clock or utcnow,
+                             reads_server=database_clock is None)
     if migrate:
         try:
             clock_guard.require()

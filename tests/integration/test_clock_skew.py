@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -33,6 +34,7 @@ from tests.conftest import auth, make_settings, one_person_analyzer, serving, wa
 from tests.integration.test_api import upload
 from tests.integration.test_busy_refusal import add_training
 from tests.support.backends import database_url, fresh_engine
+from tests.support.clock import sqlite_server_clock
 from tests.support.hung import HungDatabase
 from tests.support.photos import photo_zip
 
@@ -200,23 +202,32 @@ def test_within_the_limit_a_training_runs_and_the_server_is_ready(tmp_path: Path
         assert ready.json()["checks"]["clock"] == "ok"
 
 
+@pytest.mark.parametrize("with_the_read", [False, True],
+                         ids=["clock-read-apart", "clock-read-with-it"])
 def test_readyz_waits_once_on_a_hung_database_not_again_for_its_clock(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_the_read: bool) -> None:
     """Found in review: /readyz's clock check read the database's clock on a connection of its
     own after the readiness read, so on a hung PostgreSQL a probe waited twice (the readiness
     read's answer timeout, then the clock read's). A readiness read that got no answer leaves
-    the clock's last verdict standing, unread: one wait a probe."""
+    the clock's last verdict standing, unread: one wait a probe. The server's own clock is read
+    in the readiness read's statement (one pool connection a probe, ``ClockGuard.check_with``;
+    SQLite's clock stands in for PostgreSQL's): the guard then knows the database gave no answer
+    (a serve's worker skips its stop's last write)."""
     database = HungDatabase(hang=0.3)
+    if with_the_read:
+        monkeypatch.setattr(wiring, "server_clock", sqlite_server_clock)
     services = build_services(make_settings(tmp_path), trainers={}, generators={},
-                              database_clock=database.clock)
+                              database_clock=None if with_the_read else database.clock)
     try:
-        takes_writes = services.repo.takes_writes
+        assert services.clock.reads_server is with_the_read
+        name = "takes_writes_at" if with_the_read else "takes_writes"
+        read = getattr(services.repo, name)
 
-        def readiness_read() -> bool:
+        def readiness_read() -> Any:
             database.meet("readiness", repository=True)
-            return takes_writes()
+            return read()
 
-        monkeypatch.setattr(services.repo, "takes_writes", readiness_read)
+        monkeypatch.setattr(services.repo, name, readiness_read)
         assert services.operations.readiness().checks["clock"] == "ok"
         database.hung.set()
         started = time.monotonic()
@@ -226,9 +237,11 @@ def test_readyz_waits_once_on_a_hung_database_not_again_for_its_clock(
         assert ready.checks["database"].startswith("database error: no answer from the server")
         assert ready.checks["clock"] == "ok"  # the last verdict
         assert took < 2 * database.hang, took
+        assert services.clock.answered is not with_the_read
         database.hung.clear()
         assert services.operations.readiness().checks == {
             "database": "ok", "queue": "ok", "storage": "ok", "clock": "ok"}
+        assert services.clock.answered
     finally:
         services.close()
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -20,16 +21,19 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
+from selfie_lora import wiring
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.api.server import uvicorn_options
 from selfie_lora.errors import GenerationError
 from selfie_lora.logs import NOISY_IMPORT_LOGGERS, setup_logging, training_context
+from selfie_lora.services.common import utcnow
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services
 from selfie_lora.worker import serve_operator_endpoints
 from tests.conftest import auth, make_settings, serving, wait_terminal
 from tests.integration.test_api import upload
 from tests.support.backends import DATABASES, database_url, migrated_engine
+from tests.support.clock import sqlite_server_clock
 from tests.support.s3 import S3Server
 
 TOKEN = "t" * 32
@@ -351,6 +355,38 @@ def test_readyz_asks_the_database_on_one_connection(tmp_path: Path, kind: str) -
         event.listen(svc.engine, "checkout", lambda *_args: taken.append(1))
         assert client.get("/readyz").status_code == 200
         assert len(taken) == 1  # old code: 2 on PostgreSQL
+
+
+@pytest.mark.parametrize("kind", DATABASES)
+def test_readyz_reads_the_database_s_clock_on_its_one_connection(
+        tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Review (task db): with the clock check on (PostgreSQL's default), the probe read the
+    # server's clock on a connection of its own after the database check: two pool checkouts a
+    # probe. SQLite stands in for PostgreSQL here with a clock read the same way.
+    if kind == "sqlite":
+        monkeypatch.setattr(wiring, "server_clock", sqlite_server_clock)
+    url = database_url(kind, tmp_path)
+    migrated_engine(kind, tmp_path).dispose()
+    ahead = [timedelta(0)]  # this machine's clock against the real time
+    settings = make_settings(tmp_path, database_url=url)
+    with serving(settings, clock=lambda: utcnow() + ahead[0]) as (client, svc):
+        assert svc.clock.enabled
+        taken: list[object] = []
+        event.listen(svc.engine, "checkout", lambda *_args: taken.append(1))
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["clock"] == "ok"
+        assert len(taken) == 1  # old code: 2
+        # The clock read with the database check is the one compared: 5 minutes off is seen.
+        ahead[0] = timedelta(minutes=5)
+        skewed = client.get("/readyz")
+        assert skewed.status_code == 503
+        assert skewed.json()["checks"] == {"database": "ok", "queue": "ok", "storage": "ok",
+                                           "clock": "skewed"}
+        assert len(taken) == 2
+        ahead[0] = timedelta(0)
+        assert client.get("/readyz").status_code == 200
+        assert len(taken) == 3
 
 
 def test_readyz_tells_why_a_check_failed_only_to_the_operator(

@@ -989,6 +989,12 @@ def test_a_database_says_whether_it_takes_writes(repo: SqlRepository) -> None:
     # /readyz's question (a hot standby after a fail-over, default_transaction_read_only set):
     # asked of PostgreSQL itself, here as a connection its URL's options make read only.
     assert repo.takes_writes()
+    # With the database's clock, in the same statement (/readyz's clock check on PostgreSQL).
+    before = datetime.now(UTC)
+    writes, at = repo.takes_writes_at()
+    assert writes
+    assert at.tzinfo is not None
+    assert abs((at - before).total_seconds()) < 5, (at, before)
     if repo.engine.dialect.name != "postgresql":
         return  # SQLite: a read-only file is said by its first write, not asked
     url = repo.engine.url.update_query_dict(
@@ -996,6 +1002,7 @@ def test_a_database_says_whether_it_takes_writes(repo: SqlRepository) -> None:
     engine = make_engine(url.render_as_string(hide_password=False))
     try:
         assert not SqlRepository(engine).takes_writes()
+        assert not SqlRepository(engine).takes_writes_at()[0]
     finally:
         engine.dispose()
 

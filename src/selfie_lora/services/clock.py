@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from selfie_lora.driver_errors import gave_no_answer
 from selfie_lora.errors import (
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 # What /readyz says of the clock check while it fails: safe to tell anyone (no host, no path).
 SKEWED = "skewed"
 SETTING = "SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,14 @@ class ClockReading:
 class ClockGuard:
     """Compares this process's clock (``clock``, the services' ``utcnow``) with the database's
     (``database_clock``: None where there is no other clock, SQLite). ``max_skew`` seconds: 0
-    turns the check off."""
+    turns the check off. ``reads_server``: ``database_clock`` reads the database server's own
+    clock (``server_clock``, not a test's fake one), which a statement asking that database
+    more may read in its stead (``check_with``)."""
 
     def __init__(self, *, database_clock: Callable[[], datetime] | None, max_skew: float,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, reads_server: bool = False) -> None:
         self._database_clock = database_clock
+        self._reads_server = reads_server
         self._max_skew = max_skew
         self._clock = clock
         self._skewed = False
@@ -80,6 +86,12 @@ class ClockGuard:
     @property
     def enabled(self) -> bool:
         return self._database_clock is not None and self._max_skew > 0
+
+    @property
+    def reads_server(self) -> bool:
+        """Whether the check is on and its database clock is the server's own: a caller asking
+        that database anyway reads it in its own statement (``check_with``)."""
+        return self.enabled and self._reads_server
 
     @property
     def max_skew(self) -> float:
@@ -101,10 +113,13 @@ class ClockGuard:
 
     def read(self) -> ClockReading | None:
         """One reading, None when the check is off. The database's errors propagate."""
-        if self._database_clock is None or self._max_skew <= 0:
+        return self._read(self._database_clock)
+
+    def _read(self, database_clock: Callable[[], datetime] | None) -> ClockReading | None:
+        if database_clock is None or not self.enabled:
             return None
         before = self._clock()
-        database = self._database_clock()
+        database = database_clock()
         after = self._clock()
         return ClockReading(local=before + (after - before) / 2, database=database,
                             round_trip=max(0.0, (after - before).total_seconds()))
@@ -141,16 +156,40 @@ class ClockGuard:
         words (or the read's own ``SelfieLoraError``), instead of keeping the last verdict."""
         return self._check(raising=True)[0]
 
-    def _check(self, *, raising: bool = False) -> tuple[bool, ClockReading | None]:
+    def check_with(self, read: Callable[[], tuple[T, datetime]]) -> T:
+        """``check`` with the database's time read by ``read`` (what else its statement asked,
+        and the database's clock), in place of this guard's own read, where ``reads_server``:
+        ``/readyz``'s database check, which asks the same server on one pool connection (the
+        clock's own read was a second checkout a probe, and a second wait on a hung server).
+        Returns what else ``read`` read; the verdict is ``skewed``. ``read``'s errors propagate
+        as they are: they are its caller's to say, the last verdict standing (``answered``
+        follows them as ``check``'s read)."""
+        if not self.enabled:
+            return read()[0]
+        others: list[T] = []
+
+        def database_clock() -> datetime:
+            other, database = read()
+            others.append(other)
+            return database
+
+        self._check(database_clock=database_clock)
+        return others[0]
+
+    def _check(self, *, raising: bool = False,
+               database_clock: Callable[[], datetime] | None = None,
+               ) -> tuple[bool, ClockReading | None]:
         ticket = self._episode.attempt()  # before the read: see Outage
         try:
-            reading = self.read()
+            reading = self._read(database_clock or self._database_clock)
         except Exception as exc:
             # Only a wait that ran out: a refused connection (a restart), a name that does not
             # resolve, fail at once, and a worker's stop may still remove its row.
             unanswered = (exc.unanswered if isinstance(exc, DatabaseUnreachableError)
                           else gave_no_answer(exc))
             self._answered = not unanswered
+            if database_clock is not None:
+                raise
             if not raising:
                 logger.debug("the database's clock could not be read", exc_info=True)
                 return not self._skewed, None

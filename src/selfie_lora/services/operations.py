@@ -154,12 +154,15 @@ class OperationsService:
             except Exception as exc:  # a driver's own error: the answer names it, never raises
                 checks[name] = describe(exc)
         if self._clock is not None and self._clock.enabled:
-            # Asked again here: a load balancer takes a server whose clock drifted out of its
-            # pool (its sessions and key checks compare times other machines wrote). Not on a
-            # database that just gave the readiness read no answer: the clock's read, on a
-            # connection of its own, would wait as long again (a probe's two waits past a load
-            # balancer's timeout); the last verdict stands, as when its own read gets none.
-            checks["clock"] = ("ok" if (not self._clock.skewed if hung else self._clock.check())
+            # Asked again at every probe: a load balancer takes a server whose clock drifted out
+            # of its pool (its sessions and key checks compare times other machines wrote). The
+            # server's clock is read in the database check's own statement (_database_ready):
+            # one pool connection a probe, not one more for the clock. Another clock (a test's)
+            # is read here, but not on a database that just gave the readiness read no answer:
+            # it would wait as long again (a probe's two waits past a load balancer's timeout).
+            # Unread, the last verdict stands, as when its own read gets none.
+            fresh = not (hung or self._clock.reads_server)
+            checks["clock"] = ("ok" if (self._clock.check() if fresh else not self._clock.skewed)
                                else SKEWED)
         readiness = Readiness(checks=checks, full=frozenset(full))
         for name, result in checks.items():
@@ -175,9 +178,13 @@ class OperationsService:
     def _database_ready(self) -> None:
         """The database answers a read, and takes writes: a read alone passed on a fail-over's
         read-only standby or a replica's URL, and a load balancer kept sending a server whose
-        every write was refused (a 500) its requests. Both asked at once: one pool connection
-        a probe, not two."""
-        if not self._repo.takes_writes():
+        every write was refused (a 500) its requests. Both asked at once, and the server's
+        clock with them where the clock check reads it: one pool connection a probe."""
+        if self._clock is not None and self._clock.reads_server:
+            writes = self._clock.check_with(self._repo.takes_writes_at)
+        else:
+            writes = self._repo.takes_writes()
+        if not writes:
             raise DatabaseRefusedError(
                 "the database takes no writes (read-only: a standby, a replica's URL, or "
                 "default_transaction_read_only)")

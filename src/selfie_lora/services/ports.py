@@ -652,6 +652,12 @@ class Repository(Protocol):
         when the database does not answer."""
         ...
 
+    def takes_writes_at(self) -> tuple[bool, datetime]:
+        """``takes_writes``, and the database's clock read in the same statement (PostgreSQL's
+        ``clock_timestamp()``, as ``server_clock`` reads it; SQLite's is this machine's): the
+        database check and the clock check of ``/readyz`` on one pool connection."""
+        ...
+
     def held_trainings(self, *, now: datetime) -> Sequence[Training]:
         """Unfinished trainings held back at ``now``: a live lease with no heartbeat, which only
         a wait or a step-away leaves (``lease.is_held_back``)."""

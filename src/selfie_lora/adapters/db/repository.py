@@ -1153,16 +1153,21 @@ class SqlRepository:
             return {str(status): int(count) for status, count in rows}
 
     def takes_writes(self) -> bool:
+        return self.takes_writes_at()[0]
+
+    def takes_writes_at(self) -> tuple[bool, datetime]:
         # One statement on one connection: /readyz's whole database check, where a read and then
-        # SHOW took two pool checkouts a probe (each with its ping on PostgreSQL).
-        read = select(TrainingRow.id).limit(1)
+        # SHOW took two pool checkouts a probe (each with its ping on PostgreSQL), and the
+        # clock's read (server_clock's) a third.
+        read = select(TrainingRow.id).limit(1).scalar_subquery()
         with self._read() as s:
             if self._engine.dialect.name != "postgresql":
-                s.execute(read).all()
-                return True
-            answer = s.execute(select(func.current_setting("transaction_read_only"),
-                                      read.scalar_subquery())).one()
-            return bool(answer[0] != "on")
+                # SQLite's clock is this machine's (no clock check reads it; a test's may).
+                at = s.execute(select(func.strftime("%Y-%m-%d %H:%M:%f", "now"), read)).one()[0]
+                return True, datetime.fromisoformat(at).replace(tzinfo=UTC)
+            read_only, at, _ = s.execute(select(func.current_setting("transaction_read_only"),
+                                                func.clock_timestamp(), read)).one()
+            return bool(read_only != "on"), _req_utc(at)
 
     def held_trainings(self, *, now: datetime) -> Sequence[Training]:
         with self._read() as s:
