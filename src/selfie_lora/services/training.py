@@ -215,6 +215,12 @@ INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Yo
                           "happens again.")
 # Why a training whose worker's database failed it waits on its row: the next attempt runs it.
 DATABASE_UNREACHABLE = "the database could not be reached"
+# ... and one whose worker's database answered but kept a statement of it waiting past its bound
+# (``DatabaseLockedError``: a lock held elsewhere past SQLite's busy timeout or PostgreSQL's
+# lock_timeout, a statement past statement_timeout): said as such, not as a server out of reach,
+# which sent its user and the operator after an outage that was not there.
+DATABASE_LOCKED = ("the database was busy (a lock held by other work, or a slow statement, kept "
+                   "it waiting)")
 # ... and one whose worker met an error it did not expect while it held the training.
 INTERRUPTED_BY_ERROR = "the worker running it met an error"
 # ... and one whose worker could not fetch its photos or checkpoint (the blob store away, or
@@ -986,7 +992,7 @@ class TrainingService:
                     return
                 logger.exception("training %s: the worker could not go on with it (%s); "
                                  "stepping away", training_id, type(exc).__name__)
-                reason = (DATABASE_UNREACHABLE if isinstance(exc, StorageError)
+                reason = (_database_reason(exc) if isinstance(exc, StorageError)
                           else INTERRUPTED_BY_ERROR)
                 self._step_away(held, _UnreachableError(exc.message, remote_id=held.remote_id,
                                                         reason=reason))
@@ -1279,6 +1285,17 @@ class TrainingService:
                            if current.lease_owner != owner else "continues it after this "
                            "worker's restart: its previous process's",
                            updated.attempt, updated.status)
+        elif claimed.lease_owner is not None and DATABASE_LOCKED in (current.error or ""):
+            # Its last attempt stepped away as the database kept it waiting (a lock, a slow
+            # statement; counted): said as such, where "this worker's restart: its previous
+            # process stopped holding it" sent the operator after a crash that never was. The
+            # row's words, as they may be an earlier attempt's (nothing clears them before the
+            # version is stored).
+            logger.warning("training %s: %s %s after the database kept it waiting (its row "
+                           "says: %s) (attempt %d, %s)", training_id, owner,
+                           f"takes it over from {current.lease_owner}"
+                           if current.lease_owner != owner else "continues it",
+                           current.error, updated.attempt, updated.status)
         elif claimed.lease_owner is not None:  # not one that waited for room here
             # A worker is named by its machine and index: its own name is this worker restarted.
             logger.warning("training %s: %s %s (attempt %d, %s)", training_id, owner,
@@ -1322,7 +1339,7 @@ class TrainingService:
                 yield tx, current
         except StorageError as exc:
             raise _UnreachableError(exc.message, remote_id=held.remote_id,
-                                    reason=DATABASE_UNREACHABLE, cause=exc) from exc
+                                    reason=_database_reason(exc), cause=exc) from exc
 
     def _update_held(self, held: _Held, fn: Callable[[Training], Training]) -> Training:
         """``fn`` applied to the training while ``held`` still holds it."""
@@ -2006,7 +2023,7 @@ class TrainingService:
             dataset = self._repo.get_dataset(training.dataset_id)
         except StorageError as exc:  # the database's, said as such (not the blob store's)
             raise _UnreachableError(exc.message, remote_id=training.remote_id,
-                                    reason=DATABASE_UNREACHABLE, cause=exc) from exc
+                                    reason=_database_reason(exc), cause=exc) from exc
         if dataset is None:
             raise _PhotosGoneError("the training's photos are gone",
                                    user_message=f"{_COULD_NOT_RUN}: its photos are gone; upload "
@@ -2134,6 +2151,13 @@ class _Waits:
             return False
         self._waits = 0
         return True
+
+
+def _database_reason(exc: BaseException) -> str:
+    """The sentence on the row of a training whose database failed its worker with ``exc``: a
+    lock or a statement kept waiting (``DatabaseLockedError``) is the database answering, said
+    as such (``DATABASE_LOCKED``); anything else as the database out of reach."""
+    return DATABASE_LOCKED if isinstance(exc, DatabaseLockedError) else DATABASE_UNREACHABLE
 
 
 def _database_outage(exc: BaseException) -> bool:

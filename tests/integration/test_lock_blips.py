@@ -1,0 +1,117 @@
+"""A database lock met by a worker (SQLite's write lock held past its busy timeout, PostgreSQL's
+lock_timeout or statement_timeout: ``DatabaseLockedError``) is a blip the next attempt goes on
+through, said as a lock. Old code: the training's row said "the database could not be reached"
+and the next attempt's line this worker's restart."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.domain.entities import Dataset, Training, TrainingStatus, Version
+from selfie_lora.errors import DatabaseLockedError
+from selfie_lora.services.layout import reference_key
+from selfie_lora.services.ports import TrainingJob
+from selfie_lora.services.training import DATABASE_LOCKED
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import make_settings, one_person_analyzer
+from tests.support.photos import photo_zip
+from tests.support.trainings import HoldClock
+
+# What the repository raises for SQLite's "database is locked" (``_kept_waiting``).
+LOCKED = "database error: database is locked"
+
+
+class _Rig:
+    """Two trainings of one user: the first succeeds (its version active, the baseline), the
+    second's scoring reads its photos' dataset (``reference``), where ``locks`` say: each
+    ``get_dataset`` once its trainer has run raises the repository's lock error while
+    ``locks`` is above 0 (one less each time), for ever at -1."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.locks = 0
+        self.met = 0
+        self.scoring = False
+        self.alerter = RecordingAlerter()
+        self.clock = HoldClock()
+
+        def trained(job: TrainingJob) -> None:
+            # Its photos' faces analysed anew by the scoring (a faces file of another face model,
+            # or from before likeness tracking): the scoring reads the dataset's row.
+            t = self.training(job.training_id)
+            self.services.blobs.delete(reference_key(t.dataset_id, self.faces))
+            self.scoring = True  # what reads the dataset from here on is the scoring
+
+        read = SqlRepository.get_dataset
+
+        def get_dataset(repo: SqlRepository, dataset_id: str) -> Dataset | None:
+            if self.scoring and self.locks != 0:
+                self.locks -= 1 if self.locks > 0 else 0
+                self.met += 1
+                raise DatabaseLockedError(LOCKED, lock=True)
+            return read(repo, dataset_id)
+
+        monkeypatch.setattr(SqlRepository, "get_dataset", get_dataset)
+        settings = make_settings(tmp_path)
+        analyzer = one_person_analyzer()
+        self.faces = analyzer.model_name
+        self.services: Services = build_services(
+            settings, trainers={"local": FakeTrainer(on_train=trained)},
+            generators={"local": FakeGenerator()}, alerter=self.alerter,
+            face_analyzer=analyzer, clock=self.clock.now)
+        self.user, _ = self.services.users.create(name="ann")
+
+    def train(self, offset: int) -> Training:
+        started = self.services.training.upload_zip(
+            user=self.user, data=photo_zip(3, offset=offset, size=1100))
+        assert started.training is not None
+        self.scoring = False
+        self.services.training.run(started.training.id)
+        return self.training(started.training.id)
+
+    def training(self, training_id: str) -> Training:
+        t = self.services.repo.get_training(training_id)
+        assert t is not None
+        return t
+
+
+@pytest.fixture
+def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> _Rig:
+    return _Rig(tmp_path, monkeypatch)
+
+
+def test_a_lock_while_a_training_runs_is_said_as_a_lock(
+        rig: _Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fenced write of the training (its version's) kept waiting: the worker steps away and the
+    next attempt stores it, the row and that attempt's line naming the lock."""
+    add = SqlRepository.add_version
+    locks = [DatabaseLockedError(LOCKED, lock=True)]
+
+    def add_version(repo: SqlRepository, version: Version) -> None:
+        if locks:
+            raise locks.pop()
+        add(repo, version)
+
+    monkeypatch.setattr(SqlRepository, "add_version", add_version)
+    try:
+        t = rig.train(0)
+        assert not locks
+        assert not t.status.is_terminal, t.error
+        assert t.version_id is None
+        assert t.error == DATABASE_LOCKED  # old code: "the database could not be reached"
+        rig.clock.past(t)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="selfie_lora"):
+            rig.services.training.run(t.id)
+        done = rig.training(t.id)
+        assert done.status is TrainingStatus.SUCCEEDED, done.error
+        [took] = [r.getMessage() for r in caplog.records
+                  if f"training {t.id}: " in r.getMessage() and "(attempt" in r.getMessage()]
+        assert "restart" not in took, took
+        assert f"after the database kept it waiting (its row says: {DATABASE_LOCKED})" in took
+    finally:
+        rig.services.close()
