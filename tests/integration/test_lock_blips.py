@@ -1,7 +1,9 @@
 """A database lock met by a worker (SQLite's write lock held past its busy timeout, PostgreSQL's
 lock_timeout or statement_timeout: ``DatabaseLockedError``) is a blip the next attempt goes on
-through, said as a lock. Old code: the training's row said "the database could not be reached"
-and the next attempt's line this worker's restart."""
+through, said as a lock. Old code: while a version was scored it was recorded ``failed`` (the
+likeness gate held the version for good, and alerted, for a lock of seconds); while it trained,
+its row said "the database could not be reached" and the next attempt's line this worker's
+restart."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from selfie_lora.adapters.db.repository import SqlRepository
-from selfie_lora.domain.entities import Dataset, Training, TrainingStatus, Version
+from selfie_lora.domain.entities import Dataset, GateStatus, Training, TrainingStatus, Version
+from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import DatabaseLockedError
 from selfie_lora.services.layout import reference_key
 from selfie_lora.services.ports import TrainingJob
@@ -73,6 +76,18 @@ class _Rig:
         self.services.training.run(started.training.id)
         return self.training(started.training.id)
 
+    def next_attempt(self, t: Training,
+                     caplog: pytest.LogCaptureFixture) -> tuple[Training, str]:
+        """Run ``t`` again once its step-away has passed: its row then, and the line its claim
+        logged (``training ID: OWNER ... (attempt N, STATUS)``)."""
+        self.clock.past(t)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="selfie_lora"):
+            self.services.training.run(t.id)
+        [took] = [r.getMessage() for r in caplog.records
+                  if f"training {t.id}: " in r.getMessage() and "(attempt" in r.getMessage()]
+        return self.training(t.id), took
+
     def training(self, training_id: str) -> Training:
         t = self.services.repo.get_training(training_id)
         assert t is not None
@@ -82,6 +97,74 @@ class _Rig:
 @pytest.fixture
 def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> _Rig:
     return _Rig(tmp_path, monkeypatch)
+
+
+def test_a_lock_while_a_version_is_scored_is_left_for_the_next_attempt_not_held(
+        rig: _Rig, caplog: pytest.LogCaptureFixture) -> None:
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        rig.locks = 1
+        second = rig.train(3)
+        assert rig.met == 1
+        # Stepped away: not ended, its version pending, no record of a failed scoring.
+        assert not second.status.is_terminal, second.error
+        assert second.version_id is not None
+        version = rig.services.repo.get_version(second.version_id)
+        assert version is not None
+        assert version.gate_status is GateStatus.PENDING, version.gate_reason
+        record = rig.services.repo.get_likeness(second.version_id)
+        assert record is None or record.status is not LikenessStatus.FAILED, record
+        assert not rig.alerter.sent
+        # Its row says a lock, not a database out of reach.
+        assert second.error is not None
+        assert DATABASE_LOCKED in second.error, second.error
+        assert "could not be reached" not in second.error
+
+        done, took = rig.next_attempt(second, caplog)
+        assert done.status is TrainingStatus.SUCCEEDED, done.error
+        # The next attempt's line names the lock, not this worker's restart (old code: "continues
+        # it after this worker's restart: its previous process stopped holding it").
+        assert "restart" not in took, took
+        assert "database kept it waiting" in took, took
+        assert DATABASE_LOCKED in took, took
+        version = rig.services.repo.get_version(second.version_id)
+        assert version is not None
+        assert version.gate_status is GateStatus.PASSED, version.gate_reason
+        record = rig.services.repo.get_likeness(second.version_id)
+        assert record is not None
+        assert record.status is LikenessStatus.SCORED, record.error
+        assert not rig.alerter.sent, rig.alerter.sent
+    finally:
+        rig.services.close()
+
+
+def test_a_lock_that_never_ends_while_a_version_is_scored_ends_after_its_attempts(
+        rig: _Rig) -> None:
+    """Bounded: each lock spends one of the scoring's attempts (a stop, as a dead worker's), so
+    after ``max_attempts`` the version is judged without scores (held), not tried for ever."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        rig.locks = -1
+        second = rig.train(3)
+        runs = 1
+        while not second.status.is_terminal and runs < 10:
+            rig.clock.past(second)
+            rig.services.training.run(second.id)
+            second = rig.training(second.id)
+            runs += 1
+        attempts = rig.services.training.lease.max_attempts
+        assert second.status is TrainingStatus.SUCCEEDED, second.error
+        assert runs == attempts + 1
+        assert rig.met == attempts
+        assert second.version_id is not None
+        version = rig.services.repo.get_version(second.version_id)
+        assert version is not None
+        assert version.gate_status is GateStatus.HELD
+        assert f"stopped {attempts} times" in (version.gate_reason or ""), version.gate_reason
+    finally:
+        rig.services.close()
 
 
 def test_a_lock_while_a_training_runs_is_said_as_a_lock(
@@ -103,14 +186,8 @@ def test_a_lock_while_a_training_runs_is_said_as_a_lock(
         assert not t.status.is_terminal, t.error
         assert t.version_id is None
         assert t.error == DATABASE_LOCKED  # old code: "the database could not be reached"
-        rig.clock.past(t)
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="selfie_lora"):
-            rig.services.training.run(t.id)
-        done = rig.training(t.id)
+        done, took = rig.next_attempt(t, caplog)
         assert done.status is TrainingStatus.SUCCEEDED, done.error
-        [took] = [r.getMessage() for r in caplog.records
-                  if f"training {t.id}: " in r.getMessage() and "(attempt" in r.getMessage()]
         assert "restart" not in took, took
         assert f"after the database kept it waiting (its row says: {DATABASE_LOCKED})" in took
     finally:

@@ -80,6 +80,7 @@ from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version, no_such
 from selfie_lora.errors import (
     AlertDeliveryError,
     BlobMissingError,
+    DatabaseLockedError,
     DatabaseUnreachableError,
     ErrorCode,
     GenerationError,
@@ -703,9 +704,10 @@ class LikenessService:
         (no generator, a generator error, face tools missing) are recorded on the record as
         ``failed``, never raised; a ``checkpoint`` that raises stops the scoring (and is
         raised), and so does an outage (``StorageUnavailableError``: the object storage or the
-        database out of reach, a blip): the next scoring goes on from the probe images stored,
-        never a version recorded as one that could not be scored (the gate held a version for
-        good, and alerted, for a storage blip of seconds)."""
+        database out of reach, a blip) or a lock (``DatabaseLockedError``: a lock held elsewhere
+        past the database's wait, a statement past its timeout): the next scoring goes on from
+        the probe images stored, never a version recorded as one that could not be scored (the
+        gate held a version for good, and alerted, for a storage blip or a lock of seconds)."""
         version, model, training = self._load(version_id)
         existing = self._repo.get_likeness(version.id)
         if existing is not None and not force and self._is_current(existing):
@@ -734,7 +736,7 @@ class LikenessService:
                 reference_dataset_id=reference.dataset_id, scores=scores, probes=tuple(results),
                 error=None, scored_at=utcnow(),
             )
-        except (TrainingInterruptedError, StorageUnavailableError):
+        except (TrainingInterruptedError, StorageUnavailableError, DatabaseLockedError):
             raise
         except SelfieLoraError as exc:
             logger.warning("version %s could not be scored: %s", version.id, exc.message)
@@ -1287,15 +1289,16 @@ class LikenessService:
 
     def _reference_for(self, version: Version, *,
                        outage_raises: bool = False) -> Reference | None:
-        """``outage_raises``: an outage (``StorageUnavailableError``) is raised, not taken for
-        photos that have no reference (the gate would hold a version scored a moment before as unscored)."""
+        """``outage_raises``: an outage (``StorageUnavailableError``) or a lock
+        (``DatabaseLockedError``) is raised, not taken for photos that have no reference (the
+        gate would hold a version scored a moment before as unscored)."""
         training = self._repo.get_training(version.training_id)
         if training is None:
             return None
         try:
             return self.reference(training.dataset_id)
         except SelfieLoraError as exc:
-            if outage_raises and isinstance(exc, StorageUnavailableError):
+            if outage_raises and isinstance(exc, StorageUnavailableError | DatabaseLockedError):
                 raise
             logger.warning("no reference photos for version %s: %s", version.id, exc.message)
             return None

@@ -228,6 +228,8 @@ INTERRUPTED_BY_ERROR = "the worker running it met an error"
 STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
 WEIGHTS_NOT_STORED = "the trained LoRA could not be stored"
 SCORING_UNREACHABLE = "its version could not be scored"
+# ... and one whose database kept its scoring waiting (a lock): the next attempt scores it.
+SCORING_LOCKED = f"its version could not be scored yet: {DATABASE_LOCKED}"
 LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
 # ... and one whose worker found a disk full: it waits for room, its attempts not spent. No
 # detail: the row's error is the user's (GET /api/training/progress, `selfie-lora train`), and
@@ -1842,7 +1844,9 @@ class TrainingService:
             # The storage is away: the worker steps away and the next attempt scores it
             # again (counted, so a storage that keeps failing ends in a judging without scores,
             # held); one out of reach is waited out without spending attempts, as below.
-            raise _UnreachableError(exc.message, remote_id=None, reason=STORAGE_UNREACHABLE,
+            locked = isinstance(exc.__cause__, DatabaseLockedError)
+            raise _UnreachableError(exc.message, remote_id=None,
+                                    reason=SCORING_LOCKED if locked else STORAGE_UNREACHABLE,
                                     cause=exc.__cause__, scoring=True) from exc
         except StorageUnavailableError as exc:
             # An outage while it was scored (a probe image not stored, its record not
@@ -1850,6 +1854,16 @@ class TrainingService:
             # be scored (held for good, and alerted, for a blip). The next attempt goes on from
             # the probe images stored, without spending one of the scoring's attempts.
             raise _UnreachableError(exc.message, remote_id=None, reason=SCORING_UNREACHABLE,
+                                    cause=exc, scoring=True) from exc
+        except DatabaseLockedError as exc:
+            # A lock held elsewhere past the database's wait (or a statement past its timeout)
+            # while it was scored: left for the next attempt as an outage is, from the probe
+            # images stored, not a version that could not be scored (held for good, and alerted,
+            # for a lock of seconds). Counted, unlike an outage (``_step_away``: the database
+            # answered), as a training's lock is (``_database_outage``): a lock that never ends
+            # spends the scoring's ``max_attempts`` and the version is judged without scores,
+            # where an uncounted one would be tried again for ever.
+            raise _UnreachableError(exc.message, remote_id=None, reason=SCORING_LOCKED,
                                     cause=exc, scoring=True) from exc
         self._storage_again(held)
         alert = None
