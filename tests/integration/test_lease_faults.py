@@ -653,7 +653,9 @@ def test_a_heartbeat_refused_by_a_read_only_standby_is_noted_as_the_database_awa
     (READ_ONLY, "the database takes writes again"),
     # Review (read-report10 nit 4): said "takes writes again", which it had never stopped.
     (POOL_EXHAUSTED, "the database's connections are free again"),
-    (LOCKED, "the database's statements go through in time again"),
+    # Review (task locks): "go through in time again" and "refused for statements kept waiting
+    # past the database's timeout" named a timeout alone, for a lock too.
+    (LOCKED, "the database no longer keeps its statements waiting"),
 ], ids=["read-only-standby", "pool-exhausted", "locked"])
 def test_a_heartbeat_refused_by_the_database_says_it_once_and_its_end_once(
         beating: Machine, caplog: pytest.LogCaptureFixture,
@@ -669,6 +671,9 @@ def test_a_heartbeat_refused_by_the_database_says_it_once_and_its_end_once(
     # Old code: a WARNING at each beat.
     assert [r.levelno for r in beats if r.levelno >= logging.WARNING] == [logging.WARNING]
     assert refusal.message in beats[0].getMessage()
+    if refusal is LOCKED:
+        assert "refused for statements kept waiting by a lock or past the database's timeout" \
+            in beats[0].getMessage(), beats[0].getMessage()
     ends = [r for r in caplog.records if over in r.getMessage()]
     assert [r.levelno for r in ends] == [logging.INFO]
 

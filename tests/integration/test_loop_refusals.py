@@ -299,7 +299,7 @@ def _gc_said(logged: pytest.LogCaptureFixture,
     (REFUSALS["local-disk-full"], _pool_exhausted, "a full disk"),
     (_pool_exhausted, _read_only, "the database's connections all taken"),
     (_read_only, REFUSALS["database-full"], "a read-only database"),
-    (_locked, _pool_exhausted, "statements kept waiting past the database's timeout")],
+    (_locked, _pool_exhausted, "statements kept waiting by a lock or past the database's timeout")],
     ids=["full-then-read-only", "local-full-then-pool", "pool-then-read-only",
          "read-only-then-full", "locked-then-pool"])
 def test_a_refusal_of_another_kind_while_one_lasts_is_said_too(

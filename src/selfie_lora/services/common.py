@@ -359,7 +359,9 @@ def refused(exc: BaseException) -> bool:
 FULL_DISK = "a full disk"  # ``refusal_kind``'s for StorageFullError or an OSError ENOSPC
 POOL_TAKEN = "the database's connections all taken"  # its for DatabaseBusyError's pool
 # ... for DatabaseLockedError: a lock held elsewhere, a statement past its timeout or cancelled.
-KEPT_WAITING = "statements kept waiting past the database's timeout"
+# Both named: "past the database's timeout" alone said a timeout for SQLite's busy lock and
+# PostgreSQL's 55P03 too (a lock, where SQLite has no statement timeout).
+KEPT_WAITING = "statements kept waiting by a lock or past the database's timeout"
 
 
 def refusal_kind(exc: BaseException) -> str:

@@ -2448,7 +2448,7 @@ class _Held:
             # stopped the database taking writes.
             over = {FULL_DISK: "the database's disk takes writes again",
                     POOL_TAKEN: "the database's connections are free again",
-                    KEPT_WAITING: "the database's statements go through in time again"}
+                    KEPT_WAITING: "the database no longer keeps its statements waiting"}
             logger.info("training %s: %s", self.training_id,
                         over.get(kind, "the database takes writes again"))
 
