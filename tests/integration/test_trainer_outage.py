@@ -28,7 +28,12 @@ from selfie_lora.adapters.replicate.session import ReplicateConnection
 from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import Training, TrainingStatus, User
-from selfie_lora.errors import BlobStoreUnreachableError, DatabaseUnreachableError, StorageError
+from selfie_lora.errors import (
+    BlobStoreUnreachableError,
+    DatabaseLockedError,
+    DatabaseUnreachableError,
+    StorageError,
+)
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import BlobStream, ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.services.training import REMOTE_STORAGE_WAIT_LIMIT, TrainingService
@@ -567,10 +572,11 @@ def test_a_failing_alert_claim_does_not_keep_an_owed_remote_cancel_waiting(
     remote_id = _owing_a_remote_cancel(rig)
 
     def claim_fails(self: LikenessService, *, limit: int = 10) -> int:
-        raise StorageError("database error: the database is locked")
+        # A lock as the repository raises it (SQLite's write lock held past its busy timeout).
+        raise DatabaseLockedError("database error: database is locked", lock=True)
 
     monkeypatch.setattr(LikenessService, "deliver_due_alerts", claim_fails)
-    with pytest.raises(StorageError, match="locked"):
+    with pytest.raises(DatabaseLockedError, match="locked"):
         rig.services.training.reconcile()
     assert rig.standin.trainings[remote_id].status == "canceled"
     assert not rig.training().remote_cancel_pending

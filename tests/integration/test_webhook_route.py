@@ -17,7 +17,7 @@ from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.api.app import create_app
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.domain.entities import Training
-from selfie_lora.errors import StorageError
+from selfie_lora.errors import STORAGE_RETRY_AFTER, DatabaseLockedError
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.testing.replicate_standin import sign_webhook
 from selfie_lora.wiring import Services, build_services
@@ -197,7 +197,8 @@ def test_a_webhook_whose_update_failed_is_applied_when_it_comes_again(
     tid = running_remotely(svc, "r-1")
     steps = total_steps(svc, tid)
     save = SqlRepository.save_training
-    failures = [StorageError("database error: the database is locked")]
+    # A lock as the repository raises it (SQLite's write lock held past its busy timeout).
+    failures = [DatabaseLockedError("database error: database is locked", lock=True)]
 
     def save_once_failing(self: SqlRepository, training: Training) -> None:
         if failures:
@@ -208,7 +209,9 @@ def test_a_webhook_whose_update_failed_is_applied_when_it_comes_again(
     body, headers = signed({"id": "r-1", "status": "processing", "logs": f"7/{steps} ["},
                            msg_id="msg_retried")
     first = webhook_client.post("/api/webhooks/replicate", content=body, headers=headers)
-    assert first.status_code >= 500  # Replicate sends it again
+    # Busy, not a failure: 503 with Retry-After (Replicate sends it again either way).
+    assert first.status_code == 503, first.text
+    assert first.headers["Retry-After"] == str(STORAGE_RETRY_AFTER)
     assert not failures
     t = svc.repo.get_training(tid)
     assert t is not None
