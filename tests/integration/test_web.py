@@ -4311,3 +4311,25 @@ def test_a_form_whose_write_clashed_says_to_try_again_not_to_send_a_request(
         assert "clashed with another one made at the same moment" in text
         assert "please try again" in text
         assert "send the request again" not in text
+
+
+def test_a_sign_up_whose_write_clashed_marks_no_field(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sign-up's write_conflict (two writes at the same moment) marked the Name field as at
+    fault, as a taken name does, though nothing was wrong with the name: the form says to try
+    again and marks no field; a taken name still marks Name."""
+    settings = make_settings(tmp_path, signup=True)
+    services = fake_services(settings)
+    monkeypatch.setattr(services.users, "sign_up", _clashes)
+    try:
+        with browser(settings, services) as client:
+            refused = sign_up(client, "carl")
+    finally:
+        services.close()
+    assert refused.status_code == 409
+    assert "please try again" in refused.text
+    assert 'id="form-error"' in refused.text
+    for field in ("name", "password", "password_again"):
+        assert not _at_fault(refused.text, field), field  # old code: Name marked
+    assert " autofocus" not in _field(refused.text, "name")
+    assert 'id="form-error" tabindex="-1" autofocus' in refused.text  # the message has focus

@@ -287,10 +287,12 @@ async def signup(request: Request, name: FormStr, password: FormStr, password_ag
 
 
 def _signup_field(exc: SelfieLoraError) -> tuple[str, ...] | None:
-    """The sign-up fields a refusal is about (None: no field's, a rate limit)."""
+    """The sign-up fields a refusal is about (None: no field's, a rate limit or a write that
+    clashed with another: the name was not at fault, and marking it sent the reader to change
+    a good name)."""
     if exc.code == ErrorCode.INVALID_PASSWORD:
         return ("password", "password_again")
-    if isinstance(exc, InvalidInputError | ConflictError):
+    if isinstance(exc, InvalidInputError) or exc.code == ErrorCode.USER_EXISTS:
         return ("name",)  # an unusable or taken name
     return None
 
