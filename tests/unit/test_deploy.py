@@ -100,6 +100,45 @@ def test_the_settings_file_names_only_settings_and_loads(tmp_path: Path) -> None
     assert settings.database_url.startswith("postgresql+psycopg://")
 
 
+# The settings (``Settings`` fields) the example leaves to the README's table: defaults that fit a
+# deployment as it comes, or settings of the single-machine and local-GPU shapes it does not
+# describe. Any other field is named in the example, set or as a ``#NAME=`` line: a new setting
+# is put in one place or the other on purpose (DOWNLOAD_URL_SECONDS and DOWNLOAD_URL_NAMES, the
+# companions of the DOWNLOAD_URLS the example sets, were in neither).
+LEFT_TO_THE_README = frozenset({
+    "alert_timeout", "allowed_trainers", "base_model", "blob_cache_gb", "body_timeout",
+    "cache_dir", "device", "face_landmarks_68_noncommercial", "gate_tolerance",
+    "gc_dataset_days", "gc_generation_days", "gc_grace_hours", "gc_interval_hours",
+    "generation_threads", "header_timeout", "heartbeat_seconds", "home", "intake_workers",
+    "keep_originals", "key_rotation_grace_minutes", "lease_seconds", "local_isolation",
+    "local_memory_mode", "local_stall_seconds", "max_attempts", "max_clock_skew_seconds",
+    "max_generations_per_user", "max_json_bytes", "max_photos", "max_upload_bytes",
+    "metrics_host", "metrics_port", "min_body_rate", "min_photos", "probe_count", "probe_size",
+    "quality_gate", "reconcile_seconds", "replicate_base_url", "replicate_hardware",
+    "replicate_max_retries", "replicate_poll_interval", "replicate_recipe", "session_days",
+    "sign_in_max_failures", "sign_in_window_minutes", "sign_up_max_attempts", "signup",
+    "storage_allow_http", "storage_connect_timeout", "storage_max_retries",
+    "storage_retry_timeout", "storage_timeout", "trainer_version", "worker_threads",
+})
+
+
+def test_the_settings_file_names_every_setting_but_those_left_to_the_readme() -> None:
+    text = (DEPLOY / "selfie-lora.env.example").read_text()
+    named = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", text, re.MULTILINE))
+    missing, listed_twice = [], []
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        env = ({str(choice) for choice in alias.choices} if isinstance(alias, AliasChoices)
+               else {f"SELFIE_LORA_{name.upper()}"})
+        if not env & named and name not in LEFT_TO_THE_README:
+            missing.append(name)
+        if env & named and name in LEFT_TO_THE_README:
+            listed_twice.append(name)
+    assert missing == [], f"settings the example does not name: {missing}"
+    assert listed_twice == [], f"named in the example, so not left to the README: {listed_twice}"
+    assert LEFT_TO_THE_README - set(Settings.model_fields) == set()  # no longer settings
+
+
 @pytest.mark.parametrize("key", ["CHANGE-ME-TO-32-OR-MORE-RANDOM-CHARACTERS",
                                  "my-own-key-change-me-before-going-live-please"])
 def test_a_placeholder_secret_key_is_a_settings_error(tmp_path: Path, key: str) -> None:
