@@ -5,8 +5,11 @@ download from AWS, MinIO or R2 would be refused (403 SignatureDoesNotMatch)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -127,6 +130,56 @@ def test_an_unnamed_download_is_said_once_with_its_cause(
     assert len(warnings) == 1, warnings
     assert said in warnings[0]  # old code: 'not static keys ... (an instance role, say)'
     assert not_said not in warnings[0]
+
+
+class _SlowToRead(S3BlobStore):
+    """An S3BlobStore whose "said already?" flag is read slowly: each read waits (up to a
+    second) for a second thread's read before it answers, the interleaving that two downloads
+    could meet by chance (too seldom to be caught without this)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.reads = threading.Barrier(2, timeout=1)
+        super().__init__(*args, **kwargs)
+
+    @property
+    def _said_unnamed(self) -> bool:
+        said: bool = self.__dict__["said"]
+        # What was read is kept while the other thread reads; no second read within the second
+        # (it waits on the lock this read is under) breaks the barrier.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            self.reads.wait()
+        return said
+
+    @_said_unnamed.setter
+    def _said_unnamed(self, said: bool) -> None:
+        self.__dict__["said"] = said
+
+
+def test_an_unnamed_download_is_said_once_whatever_threads_meet_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The flag was read, then set, by any thread: two downloads at once could both find it
+    unset and both warn. Read and set under a lock, one warning."""
+    import obstore
+
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    store = _SlowToRead(url="s3://bucket", cache_dir=tmp_path / "cache",
+                        endpoint="http://127.0.0.1:9", region="us-east-1")
+    monkeypatch.setattr(obstore, "sign", lambda *args, **kwargs: AWS_EXAMPLE)
+    urls: list[str | None] = []
+
+    def download() -> None:
+        urls.append(store.download_url("weights/w.safetensors", expires=timedelta(minutes=5),
+                                       filename="lora-v1.safetensors"))
+
+    threads = [threading.Thread(target=download) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert urls == [AWS_EXAMPLE, AWS_EXAMPLE]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # old code: 2
 
 
 def test_naming_turned_off_leaves_obstore_s_url_as_it_signed_it(

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
@@ -227,7 +228,10 @@ class S3BlobStore:
         # with, where it is a static one (its setting, else the environment's, as obstore reads
         # it); obstore keeps it to itself.
         self._signing_secret = secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        # Whether the WARNING of an unnamed download was said: read and set under the lock, as
+        # two downloads at once (request threads) could both find it unset and both warn.
         self._said_unnamed = False
+        self._said_lock = threading.Lock()
         # Off (SELFIE_LORA_DOWNLOAD_URL_NAMES=false) for a storage that refuses the parameter.
         self._name_downloads = name_downloads
         if allow_http is None:
@@ -546,8 +550,10 @@ class S3BlobStore:
                                    content_disposition(filename)},
                              secret=self._signing_secret)
         if isinstance(named, _Unsigned):
-            if not self._said_unnamed:
+            with self._said_lock:
+                first = not self._said_unnamed
                 self._said_unnamed = True
+            if first:
                 logger.warning("presigned downloads are saved under the stored object's name, "
                                "not the version's: %s", named.why)
             return url
