@@ -508,6 +508,35 @@ def test_0023_marks_a_user_the_previous_release_left_half_deleted_as_pending(
         "ann", "bob"]
 
 
+def _users_indexes(engine: Engine) -> dict[str, list[str | None]]:
+    return {str(ix["name"]): list(ix["column_names"]) for ix in inspect(engine).get_indexes("users")}
+
+
+def test_0025_indexes_when_a_deletion_was_asked_for(engine: Engine) -> None:
+    """The periodic check's due deletions (``finish_pending``) and ``gc``'s pending ones filter
+    users on ``erasure_requested_at`` and sort by it, which no index held: each read went
+    through every user. The index is made, dropped down to 0024, and made again."""
+    migrate(engine, "0024")
+    insert_users(engine, "ann", "bob")
+    migrate(engine, "head")
+    assert _users_indexes(engine).get("ix_users_erasure_requested_at") == [
+        "erasure_requested_at"]  # old code: no such index
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            plan = " ".join(str(row[-1]) for row in conn.execute(text(
+                "EXPLAIN QUERY PLAN SELECT id FROM users WHERE erasure_requested_at <= :t "
+                "ORDER BY erasure_requested_at, id"), {"t": NOW}))
+        assert "ix_users_erasure_requested_at" in plan, plan
+    repo = SqlRepository(engine)
+    assert repo.request_erasure("u1", at=NOW)
+    assert [u.name for u in repo.pending_erasures(requested_before=NOW)] == ["bob"]
+    migrate(engine, "0024", down=True)
+    assert "ix_users_erasure_requested_at" not in _users_indexes(engine)
+    migrate(engine, "head")
+    assert "ix_users_erasure_requested_at" in _users_indexes(engine)
+    assert [u.name for u in SqlRepository(engine).pending_erasures()] == ["bob"]
+
+
 def test_the_migration_log_line_masks_a_password_given_as_a_query_parameter(
         caplog: pytest.LogCaptureFixture) -> None:
     """The socket form has no other place for a password than the query; it was logged."""

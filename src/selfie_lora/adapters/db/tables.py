@@ -61,8 +61,10 @@ class UserRow(Base):
                                                                 default=None)
     # When a deletion of the account was asked for, set with its disabling: one whose process
     # died is finished by the periodic collection (services.erasure.AccountEraser.finish_pending).
+    # Indexed (0025): that check, run by every worker, and gc's list of the pending ones filter
+    # and sort on it, and went through every user without.
     erasure_requested_at: Mapped[datetime | None] = mapped_column(
-        DateTime(timezone=True), nullable=True, default=None)
+        DateTime(timezone=True), nullable=True, default=None, index=True)
     __table_args__ = (Index("ux_users_name_folded", "name_folded", unique=True),)
 
 
