@@ -1879,18 +1879,21 @@ def _restore_beside_a_full_disk(settings: Settings, tmp_path: Path,
 
 def _says_no_room(line: str, *, said: str, where: Path, code: int, full: str,
                   quota: str) -> bool:
-    """``line`` is ``said``, then that the disk of ``where`` is full, its free space and what
-    the work needs (whatever they are), then ``full``; for ``code`` EDQUOT, that the quota on
-    that disk is used up (the disk's free space, what the work needs), then ``quota``."""
+    """``line`` is ``said``, then that the disk holding ``where`` is full, its free space and
+    what the work needs (whatever they are), then ``full``; for ``code`` EDQUOT, that the quota
+    on that disk is used up (the disk's free space, what the work needs), then ``quota``: the
+    words every full disk and quota is said in (``disk_space.full_disk_words``)."""
     if code == errno.EDQUOT:
         pattern = (re.escape(f"{said}: the quota of this account on the disk holding {where} is "
                              "used up (the disk itself has ") + r"[0-9.]+ [KMG]B"
                    + re.escape(" free); it needs about ") + r"[0-9.]+ MB"
                    + re.escape(f"; {quota}"))
     else:
-        pattern = (re.escape(f"{said}: the disk of {where} is full (") + r"[0-9.]+ MB"
-                   + re.escape(" free; it needs about ") + r"[0-9.]+ MB"
-                   + re.escape(f"); {full}"))
+        # Old code: "the disk of PARENT is full (N MB free; it needs about M MB)", words of
+        # its own beside every other full disk's "the disk holding PARENT is full (N free)".
+        pattern = (re.escape(f"{said}: the disk holding {where} is full (") + r"[0-9.]+ [KMG]B"
+                   + re.escape(" free); it needs about ") + r"[0-9.]+ MB"
+                   + re.escape(f"; {full}"))
     return re.fullmatch(pattern, line) is not None
 
 

@@ -670,6 +670,37 @@ def test_an_account_deletion_on_a_full_disk_is_tried_again_soon_and_said_once(
         _finished_once_due(erasure, due)
 
 
+# Old code: a used-up quota was said as "refused for a full disk: free space and it finishes by
+# itself", where the disk itself may have room (df shows it) and freeing it need not help.
+@pytest.mark.parametrize(("error", "quota"), [
+    (StorageFullError("blob 'photos/x' cannot be deleted: the quota of this account on the disk "
+                      "holding /srv/blobs is used up (the disk itself has 20.0 MB free)",
+                      quota=True), True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+    (StorageFullError("blob 'photos/x' cannot be deleted: the disk holding /srv/blobs is full"),
+     False),
+], ids=["quota", "raw-edquot", "full"])
+def test_an_account_deletion_over_a_quota_says_the_quota_not_a_full_disk(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception,
+        quota: bool) -> None:
+    with _ann_deletion_failing(tmp_path, error) as (erasure, _store):
+        _past_due(erasure)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"):
+            assert erasure.finish_pending() == []
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "could not be finished now" in line, line
+    if quota:
+        assert line.endswith("(said once while it is refused for a used-up disk quota: raise "
+                             "the quota or delete files it counts, and it finishes by "
+                             "itself)"), line
+        assert "free space" not in line, line
+        assert "full disk" not in line, line
+    else:
+        assert line.endswith("(said once while it is refused for a full disk: free space and "
+                             "it finishes by itself)"), line
+
+
 @pytest.mark.parametrize("error", [
     DatabaseRefusedError("database error: QueuePool limit of size 15 overflow 0 reached, "
                          "connection timed out, timeout 30.00", pool_exhausted=True),

@@ -162,16 +162,13 @@ def _megabytes(size: int) -> str:
 
 def _no_space(exc: OSError, *, where: Path, needs: int | None) -> str | None:
     """A full disk said as one: which folder's disk, how much is free there and about how much
-    the work needs. A quota (EDQUOT) in the words every quota is said in (``full_disk_words``:
-    the disk itself may have room, which ``df`` shows). None for any other error."""
+    the work needs, in the words every full disk and quota is said in (``full_disk_words``; a
+    quota, EDQUOT, as one: the disk itself may have room, which ``df`` shows). None for any
+    other error."""
     if not is_full_error(exc):
         return None
     need = f"; it needs about {_megabytes(needs)}" if needs else ""
-    if is_quota_error(exc):
-        return f"{full_disk_words(where, exc)}{need}"
-    room = free_bytes(where)
-    free = "free space unknown" if room is None else f"{_megabytes(room)} free"
-    return f"the disk of {where} is full ({free}{need})"
+    return f"{full_disk_words(where, exc)}{need}"
 
 
 def _make_room(exc: OSError, *, then: str, there: str = "") -> str:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
+from selfie_lora.disk_space import QUOTA_ADVICE, is_quota_error
 from selfie_lora.domain.accounts import (
     ErasurePlan,
     HoldingsChangedError,
@@ -65,6 +66,7 @@ from selfie_lora.errors import (
     ErrorCode,
     SelfieLoraError,
     StorageError,
+    StorageFullError,
     StorageUnavailableError,
     describe,
 )
@@ -441,12 +443,20 @@ class AccountEraser:
         kind = refusal_kind(exc)
         began = self._refusal.met(user.id, kind, ticket=ticket)
         words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
-        mend = ("free space and it finishes by itself" if kind == FULL_DISK
-                else "it finishes by itself once that is over")
+        said = kind
+        if kind == FULL_DISK and (is_quota_error(exc)
+                                  or (isinstance(exc, StorageFullError) and exc.quota)):
+            # A used-up quota (EDQUOT): the disk itself may have room, so "a full disk: free
+            # space" sent the operator to ``df``, which does not see the quota.
+            said, mend = "a used-up disk quota", f"{QUOTA_ADVICE}, and it finishes by itself"
+        elif kind == FULL_DISK:
+            mend = "free space and it finishes by itself"
+        else:
+            mend = "it finishes by itself once that is over"
         logger.log(logging.WARNING if began else logging.DEBUG,
                    "user %s: the deletion could not be finished now: %s; tried again in %s "
                    "(said once while it is refused for %s: %s)", user.name, words,
-                   wait_text(retry), kind, mend)
+                   wait_text(retry), said, mend)
 
     def _due_soon(self, user: User) -> timedelta:
         """Make ``user``'s deletion due ``ERASURE_RETRY`` from now (best effort: the database
