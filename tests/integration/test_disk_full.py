@@ -350,6 +350,49 @@ def test_the_api_answers_a_full_disk_507_storage_full_and_readyz_says_so(
         assert "507" in client.app.openapi()["paths"]["/api/generate"]["post"]["responses"]  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("code", [errno.EDQUOT, errno.ENOSPC], ids=["quota", "full"])
+@pytest.mark.parametrize("scripts", [True, False], ids=["script", "form"])
+def test_a_page_that_meets_a_used_up_quota_says_the_quota_not_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, scripts: bool) -> None:
+    """No page-level test met a quota's 507 (the API's had one, test_api): the photos page's
+    upload, sent by its script or by the form without scripts, on a blob disk over its quota
+    (EDQUOT) answers 507 in the quota's words, never "the disk is full" (df may show room, and
+    freeing space need not help); a full disk (ENOSPC) still says it is full. Neither says the
+    server's folders."""
+    import html
+    import re
+
+    from selfie_lora import disk_space
+    from selfie_lora.api.server_errors import STORAGE_QUOTA_MESSAGE, server_error_sentence
+    from selfie_lora.errors import ErrorCode
+    from tests.integration.test_web import PASSWORD, csrf, sign_in
+    from tests.support.photos import synthetic_photo
+
+    settings = make_settings(tmp_path)
+    store = FullDiskStore(settings.home / "blobs")
+    store.code = code
+    with serving(settings, blobs=store) as (client, services):
+        services.users.create(name="ann", password=PASSWORD)
+        sign_in(client, "ann")
+        token = csrf(client)
+        store.full = True
+        monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+        photos = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(2)]
+        r = (client.post("/photos/upload", files=photos, headers={"X-CSRF-Token": token})
+             if scripts else
+             client.post("/photos/upload", files=photos, data={"csrf_token": token}))
+    assert r.status_code == 507, r.text
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", r.text)).split())
+    if code == errno.EDQUOT:
+        assert STORAGE_QUOTA_MESSAGE in text, text
+        assert "disk is full" not in text, text
+        assert "freed space" not in text, text
+    else:
+        assert server_error_sentence(ErrorCode.STORAGE_FULL) in text, text
+    assert 'data-code="storage_full"' in r.text
+    assert str(tmp_path) not in r.text  # the operator's words stay in the log
+
+
 def test_a_blob_write_on_a_full_disk_is_storage_full_naming_the_folder(tmp_path: Path) -> None:
     store = FullDiskStore(tmp_path / "blobs")
     store.full = True
