@@ -216,7 +216,9 @@ def test_readyz_waits_once_on_a_hung_database_not_again_for_its_clock(
     database = HungDatabase(hang=0.3)
     if with_the_read:
         monkeypatch.setattr(wiring, "server_clock", sqlite_server_clock)
+    drift = Drift()
     services = build_services(make_settings(tmp_path), trainers={}, generators={},
+                              clock=drift.now,
                               database_clock=None if with_the_read else database.clock)
     try:
         assert services.clock.reads_server is with_the_read
@@ -239,6 +241,22 @@ def test_readyz_waits_once_on_a_hung_database_not_again_for_its_clock(
         assert took < 2 * database.hang, took
         assert services.clock.answered is not with_the_read
         database.hung.clear()
+        # Found in review: the last verdict above is "ok", which a probe that forgot it (or
+        # said "ok" whenever the statement failed) says too; a skewed one must stand as well,
+        # or a skewed server whose database hangs a moment turns green on the load balancer.
+        drift.ahead = FIVE_MINUTES
+        assert services.operations.readiness().checks["clock"] == "skewed"
+        database.calls.clear()
+        database.hung.set()
+        started = time.monotonic()
+        ready = services.operations.readiness()
+        took = time.monotonic() - started
+        assert database.calls == ["readiness"]
+        assert ready.checks["database"].startswith("database error: no answer from the server")
+        assert ready.checks["clock"] == "skewed"  # the last verdict
+        assert took < 2 * database.hang, took
+        database.hung.clear()
+        drift.ahead = timedelta(0)
         assert services.operations.readiness().checks == {
             "database": "ok", "queue": "ok", "storage": "ok", "clock": "ok"}
         assert services.clock.answered
