@@ -552,7 +552,16 @@ class Worker:
 
     def _database_unanswered(self) -> bool:
         """Whether the database gave this worker's last call no answer: its last beat's write,
-        or the last clock read (a beat's, a reconciler round's)."""
+        or the last clock read (a beat's, a reconciler round's, and on ``serve`` a ``/readyz``'s
+        database check that read the server's clock in its statement, ``ClockGuard.check_with``).
+
+        A probe's read counts as the worker's own, one read deciding either way: it is the same
+        question on the same pool (each checkout pinged, 10 s at most), so its no-answer is no
+        weaker a sign of a hung server than a beat's, and it is the freshest (a load balancer
+        probes every few seconds, and the next probe that answers sets this back). Ignoring it
+        would make the stop's guess depend on which thread read the clock last, not on what the
+        database did. Wrong either way, the cost is bounded: a row left stale for an hour (a
+        gauge, no training), or a removal that waits out the rest of the grace (``_leave_count``)."""
         return self._beat_unanswered or (self._clock is not None and not self._clock.answered)
 
     @property
