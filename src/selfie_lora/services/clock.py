@@ -66,8 +66,8 @@ class ClockGuard:
     """Compares this process's clock (``clock``, the services' ``utcnow``) with the database's
     (``database_clock``: None where there is no other clock, SQLite). ``max_skew`` seconds: 0
     turns the check off. ``reads_server``: ``database_clock`` reads the database server's own
-    clock (``server_clock``, not a test's fake one), which a statement asking that database
-    more may read in its stead (``check_with``)."""
+    clock (``server_clock``, not one given to ``build_services``), which a statement asking
+    that database more may read in its stead (``check_with``)."""
 
     def __init__(self, *, database_clock: Callable[[], datetime] | None, max_skew: float,
                  clock: Callable[[], datetime] = utcnow, reads_server: bool = False) -> None:

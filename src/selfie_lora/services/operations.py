@@ -157,10 +157,11 @@ class OperationsService:
             # Asked again at every probe: a load balancer takes a server whose clock drifted out
             # of its pool (its sessions and key checks compare times other machines wrote). The
             # server's clock is read in the database check's own statement (_database_ready):
-            # one pool connection a probe, not one more for the clock. Another clock (a test's)
-            # is read here, but not on a database that just gave the readiness read no answer:
-            # it would wait as long again (a probe's two waits past a load balancer's timeout).
-            # Unread, the last verdict stands, as when its own read gets none.
+            # one pool connection a probe, not one more for the clock. Another clock (one given
+            # to build_services) is read here, but not on a database that just gave the
+            # readiness read no answer: it would wait as long again (a probe's two waits past a
+            # load balancer's timeout). Unread, the last verdict stands, as when its own read
+            # gets none.
             fresh = not (hung or self._clock.reads_server)
             checks["clock"] = ("ok" if (self._clock.check() if fresh else not self._clock.skewed)
                                else SKEWED)

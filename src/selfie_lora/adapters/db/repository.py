@@ -1162,7 +1162,8 @@ class SqlRepository:
         read = select(TrainingRow.id).limit(1).scalar_subquery()
         with self._read() as s:
             if self._engine.dialect.name != "postgresql":
-                # SQLite's clock is this machine's (no clock check reads it; a test's may).
+                # SQLite's clock is this machine's, read by no clock check (server_clock gives
+                # SQLite none): the port's answer given whole, for a strftime.
                 at = s.execute(select(func.strftime("%Y-%m-%d %H:%M:%f", "now"), read)).one()[0]
                 return True, datetime.fromisoformat(at).replace(tzinfo=UTC)
             read_only, at, _ = s.execute(select(func.current_setting("transaction_read_only"),
