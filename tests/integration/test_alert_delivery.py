@@ -1090,7 +1090,8 @@ def test_an_alert_whose_record_was_stored_but_its_answer_lost_is_not_said_to_be_
 
 
 def test_a_round_on_a_database_that_hangs_while_an_alert_is_sent_waits_once(
-        rig_for: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+        rig_for: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """Found in review: the database hanging while a round's alert was sent, its record
     (``record_alert_delivery``) waited out the answer timeout and was swallowed (the send is
     over: due again when the claim runs out), and the round went on to claim the next alert on
@@ -1123,9 +1124,17 @@ def test_a_round_on_a_database_that_hangs_while_an_alert_is_sent_waits_once(
         database.hung.set()
 
     endpoint.meanwhile = hang
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
     with pytest.raises(DatabaseUnreachableError, match="no answer from the server") as raised:
         rig.likeness.deliver_due_alerts()
     took = time.monotonic() - hung_at[0]
+    # One WARNING for one hang, the round's outage said by its caller (the reconciler's): the
+    # record's own line, raised with it, is INFO (it was a second WARNING).
+    [said] = [r for r in caplog.records if "could not be recorded" in r.getMessage()]
+    assert said.levelno == logging.INFO
+    assert "it may be sent again after" in said.getMessage()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert raised.value.unanswered
     # The proof: the calls the hung database met (old code: ["record", "claim"], two waits).
     assert database.calls == ["record"]

@@ -633,15 +633,19 @@ class LikenessService:
             # with its alert_id (delivery is at least once).
             # "May": the database may have stored the record and lost only its answer (a
             # connection cut after the commit), and then the alert is not sent again.
-            logger.warning("the outcome of the likeness alert for version %s (%s) could not be "
-                           "recorded (%s): it may be sent again after %s (not if the record "
-                           "was stored and only the database's answer lost)", version_id,
-                           "delivered" if delivery["delivered"] else "failed", exc.message,
-                           claimed.claim.isoformat())
-            if in_round and isinstance(exc, DatabaseUnreachableError) and exc.unanswered:
-                # A hung database (its answer timeout waited out): the round's next claim would
-                # wait as long again, one wait an alert due (~20 s each on PostgreSQL) where a
-                # worker's stop allows 30 s, and the pass's later parts after it.
+            # A hung database (its answer timeout waited out) in a round: the round's next claim
+            # would wait as long again, one wait an alert due (~20 s each on PostgreSQL) where a
+            # worker's stop allows 30 s, and the pass's later parts after it. Raised, the hang is
+            # said by the round's caller (its outage's WARNING): this line is INFO then, not a
+            # second WARNING for the one hang.
+            hung = in_round and isinstance(exc, DatabaseUnreachableError) and exc.unanswered
+            logger.log(logging.INFO if hung else logging.WARNING,
+                       "the outcome of the likeness alert for version %s (%s) could not be "
+                       "recorded (%s): it may be sent again after %s (not if the record was "
+                       "stored and only the database's answer lost)", version_id,
+                       "delivered" if delivery["delivered"] else "failed", exc.message,
+                       claimed.claim.isoformat())
+            if hung:
                 raise
             return bool(delivery["delivered"])
         if not recorded:
