@@ -17,8 +17,9 @@ from selfie_lora.domain.entities import Dataset, GateStatus, Training, TrainingS
 from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import DatabaseLockedError
 from selfie_lora.services.layout import reference_key
+from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import TrainingJob
-from selfie_lora.services.training import DATABASE_LOCKED
+from selfie_lora.services.training import DATABASE_LOCKED, SCORING_LOCKED
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
@@ -87,6 +88,13 @@ class _Rig:
         [took] = [r.getMessage() for r in caplog.records
                   if f"training {t.id}: " in r.getMessage() and "(attempt" in r.getMessage()]
         return self.training(t.id), took
+
+    def version(self, t: Training) -> Version:
+        """``t``'s stored version."""
+        assert t.version_id is not None
+        version = self.services.repo.get_version(t.version_id)
+        assert version is not None
+        return version
 
     def training(self, training_id: str) -> Training:
         t = self.services.repo.get_training(training_id)
@@ -192,3 +200,49 @@ def test_a_lock_while_a_training_runs_is_said_as_a_lock(
         assert f"after the database kept it waiting (its row says: {DATABASE_LOCKED})" in took
     finally:
         rig.services.close()
+
+
+def test_a_lock_in_the_judging_without_scores_does_not_loop_for_ever(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scoring's attempts spent on locks (the active version's scoring), then the judging
+    without scores meets a lock reading the new version's photos: judged (held) at once, where a
+    step-away again was counted, and claimed again, for ever (nothing ends a training whose
+    version is stored)."""
+    score = LikenessService.score
+    locked = {"baseline": True}
+
+    def scored(service: LikenessService, version_id: str, **kw: object) -> object:
+        if version_id == first.version_id and locked["baseline"]:
+            raise DatabaseLockedError(LOCKED, lock=True)
+        return score(service, version_id, **kw)  # type: ignore[arg-type]
+
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        monkeypatch.setattr(LikenessService, "score", scored)
+        second = rig.train(3)
+        attempts = rig.services.training.lease.max_attempts
+        runs = 1
+        while runs < attempts:
+            rig.clock.past(second)
+            rig.services.training.run(second.id)
+            second = rig.training(second.id)
+            runs += 1
+        assert second.error == SCORING_LOCKED, second.error
+        # The next attempt judges it without scores; the new version's faces file gone (a face
+        # model switched), its dataset's read kept waiting by a lock that does not end.
+        rig.services.blobs.delete(reference_key(second.dataset_id, rig.faces))
+        rig.locks = -1
+        while not second.status.is_terminal and runs < attempts + 4:
+            rig.clock.past(second)
+            rig.services.training.run(second.id)
+            second = rig.training(second.id)
+            runs += 1
+        assert second.status is TrainingStatus.SUCCEEDED, (runs, second.recoveries, second.error)
+        assert runs == attempts + 1
+        assert rig.met >= 1
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD, version.gate_reason
+    finally:
+        rig.services.close()
+

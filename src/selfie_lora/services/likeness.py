@@ -393,8 +393,12 @@ class LikenessService:
         baseline_id = _replaced_version_id(version, active=model.active_version_id)
         baseline = (self._repo.get_version(baseline_id)
                     if baseline_id and baseline_id != version.id else None)
-        reference = (self._reference_for(version, outage_raises=True) if _scored(record)
-                     else None)
+        # A lock is raised only while it is scored: once judged without scores (its attempts
+        # spent), another step-away would be counted again and again, for ever (nothing ends a
+        # training whose version is stored); judged without the reference then, as before.
+        reference = (self._reference_for(version, outage_raises=True,
+                                         lock_raises=unscorable is None)
+                     if _scored(record) else None)
         after = self._scores_against(record, reference)
         if version.version_mismatch and baseline is not None:
             # Replicate published it to another model (replicate-python #419): nothing ever
@@ -1291,18 +1295,20 @@ class LikenessService:
         assert refreshed.probes
         return refreshed.probes
 
-    def _reference_for(self, version: Version, *,
-                       outage_raises: bool = False) -> Reference | None:
-        """``outage_raises``: an outage (``StorageUnavailableError``) or a lock
-        (``DatabaseLockedError``) is raised, not taken for photos that have no reference (the
-        gate would hold a version scored a moment before as unscored)."""
+    def _reference_for(self, version: Version, *, outage_raises: bool = False,
+                       lock_raises: bool = False) -> Reference | None:
+        """``outage_raises``: an outage (``StorageUnavailableError``) is raised, and with
+        ``lock_raises`` a lock (``DatabaseLockedError``), not taken for photos that have no
+        reference (the gate would hold a version scored a moment before as unscored)."""
         training = self._repo.get_training(version.training_id)
         if training is None:
             return None
         try:
             return self.reference(training.dataset_id)
         except SelfieLoraError as exc:
-            if outage_raises and isinstance(exc, StorageUnavailableError | DatabaseLockedError):
+            if outage_raises and isinstance(exc, StorageUnavailableError):
+                raise
+            if lock_raises and isinstance(exc, DatabaseLockedError):
                 raise
             logger.warning("no reference photos for version %s: %s", version.id, exc.message)
             return None
