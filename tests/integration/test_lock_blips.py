@@ -8,6 +8,7 @@ restart."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from selfie_lora.services.layout import reference_key
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import TrainingJob
 from selfie_lora.services.training import DATABASE_LOCKED, SCORING_LOCKED
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter, SimulatedCrash
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.photos import photo_zip
@@ -42,6 +43,7 @@ class _Rig:
         self.scoring = False
         self.alerter = RecordingAlerter()
         self.clock = HoldClock()
+        self.generator = FakeGenerator()
 
         def trained(job: TrainingJob) -> None:
             # Its photos' faces analysed anew by the scoring (a faces file of another face model,
@@ -65,7 +67,7 @@ class _Rig:
         self.faces = analyzer.model_name
         self.services: Services = build_services(
             settings, trainers={"local": FakeTrainer(on_train=trained)},
-            generators={"local": FakeGenerator()}, alerter=self.alerter,
+            generators={"local": self.generator}, alerter=self.alerter,
             face_analyzer=analyzer, clock=self.clock.now)
         self.user, _ = self.services.users.create(name="ann")
 
@@ -113,8 +115,17 @@ def test_a_lock_while_a_version_is_scored_is_left_for_the_next_attempt_not_held(
         first = rig.train(0)
         assert first.status is TrainingStatus.SUCCEEDED, first.error
         rig.locks = 1
-        second = rig.train(3)
+        with caplog.at_level(logging.INFO, logger="selfie_lora"):
+            second = rig.train(3)
         assert rig.met == 1
+        # Stepped away by _judge, said as a lock: not escaped to run()'s handler of the
+        # unexpected (its ERROR with a traceback; its row's words the training's own lock's).
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert not errors, [r.getMessage() for r in errors]
+        assert second.error == SCORING_LOCKED, second.error
+        # Held back a while (the next attempts span minutes of a lock, not seconds).
+        assert second.lease_expires_at is not None
+        assert second.lease_expires_at > rig.clock.now()
         # Stepped away: not ended, its version pending, no record of a failed scoring.
         assert not second.status.is_terminal, second.error
         assert second.version_id is not None
@@ -157,7 +168,10 @@ def test_a_lock_that_never_ends_while_a_version_is_scored_ends_after_its_attempt
         rig.locks = -1
         second = rig.train(3)
         runs = 1
+        holds = []
         while not second.status.is_terminal and runs < 10:
+            assert second.lease_expires_at is not None
+            holds.append(second.lease_expires_at - rig.clock.now())
             rig.clock.past(second)
             rig.services.training.run(second.id)
             second = rig.training(second.id)
@@ -170,7 +184,15 @@ def test_a_lock_that_never_ends_while_a_version_is_scored_ends_after_its_attempt
         version = rig.services.repo.get_version(second.version_id)
         assert version is not None
         assert version.gate_status is GateStatus.HELD
-        assert f"stopped {attempts} times" in (version.gate_reason or ""), version.gate_reason
+        # Spaced, the gaps of an outage (1 min, then 5), so that 3 attempts span minutes of a
+        # lock; none before the judging without scores, which a wait would only delay.
+        gaps = rig.services.training.lease.outage_gaps
+        assert holds == [gaps[0], gaps[1], timedelta(0)], holds
+        # Said as a lock, to the version's owner: no worker stopping, no operator's command.
+        reason = version.gate_reason or ""
+        assert (f"its scoring was stopped {attempts} times, the last time by the database kept "
+                "busy (a lock)") in reason, reason
+        assert "selfie-lora compare" not in reason, reason
     finally:
         rig.services.close()
 
@@ -198,6 +220,77 @@ def test_a_lock_while_a_training_runs_is_said_as_a_lock(
         assert done.status is TrainingStatus.SUCCEEDED, done.error
         assert "restart" not in took, took
         assert f"after the database kept it waiting (its row says: {DATABASE_LOCKED})" in took
+    finally:
+        rig.services.close()
+
+
+def _pending_after_a_lock(rig: _Rig, t: Training) -> None:
+    """``t`` stepped away on a lock met while its version was scored: not ended, its version
+    pending, no alert."""
+    assert not t.status.is_terminal, t.error
+    assert t.error == SCORING_LOCKED, t.error
+    version = rig.version(t)
+    assert version.gate_status is GateStatus.PENDING, version.gate_reason
+    assert not rig.alerter.sent
+
+
+def test_a_lock_on_the_judging_s_read_of_the_photos_is_left_for_the_next_attempt(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The version scored, then the gate's read of its photos' faces (their file gone, the dataset
+    read again) kept waiting: stepped away, not judged as if it had no reference (held)."""
+    score = LikenessService.score
+
+    def scored(service: LikenessService, version_id: str, **kw: object) -> object:
+        record = score(service, version_id, **kw)  # type: ignore[arg-type]
+        if rig.scoring and version_id != first.version_id:
+            t = rig.training(second_id[0])
+            rig.services.blobs.delete(reference_key(t.dataset_id, rig.faces))
+            rig.locks = 1  # the judging's read of the dataset, after its scoring
+        return record
+
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        second_id: list[str] = []
+        started = rig.services.training.upload_zip(
+            user=rig.user, data=photo_zip(3, offset=3, size=1100))
+        assert started.training is not None
+        second_id.append(started.training.id)
+        monkeypatch.setattr(LikenessService, "score", scored)
+        rig.scoring = False
+        rig.services.training.run(started.training.id)
+        second = rig.training(started.training.id)
+        assert rig.met == 1
+        _pending_after_a_lock(rig, second)
+        record = rig.services.repo.get_likeness(rig.version(second).id)
+        assert record is not None
+        assert record.status is LikenessStatus.SCORED, record.error
+    finally:
+        rig.services.close()
+
+
+def test_a_lock_on_the_active_version_s_photos_is_left_for_the_next_attempt(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate's read of the active version's own photos (``_baseline_photos``) kept waiting:
+    stepped away said as a lock (not the storage), not held."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        # Its faces file gone: the gate reads its dataset again, which a lock keeps waiting.
+        rig.services.blobs.delete(reference_key(first.dataset_id, rig.faces))
+        read = SqlRepository.get_dataset
+        met: list[str] = []
+
+        def get_dataset(repo: SqlRepository, dataset_id: str) -> Dataset | None:
+            if rig.scoring and dataset_id == first.dataset_id and not met:
+                met.append(dataset_id)
+                raise DatabaseLockedError(LOCKED, lock=True)
+            return read(repo, dataset_id)
+
+        monkeypatch.setattr(SqlRepository, "get_dataset", get_dataset)
+        second = rig.train(3)
+        assert met
+        _pending_after_a_lock(rig, second)
     finally:
         rig.services.close()
 
@@ -246,3 +339,26 @@ def test_a_lock_in_the_judging_without_scores_does_not_loop_for_ever(
     finally:
         rig.services.close()
 
+
+def test_a_crash_after_a_lock_is_not_said_as_a_lock(
+        rig: _Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """An attempt stepped away on a lock, the next one's worker died (an OOM kill) rendering a
+    probe: the take-over line says that worker stopped, not the lock the row still names."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        rig.locks = 1
+        second = rig.train(3)
+        assert second.error == SCORING_LOCKED, second.error
+        rig.generator.crash_after = 1
+        rig.clock.past(second)
+        with pytest.raises(SimulatedCrash):
+            rig.services.training.run(second.id)
+        crashed = rig.training(second.id)
+        assert crashed.error == SCORING_LOCKED  # the row's words are the lock's still
+        rig.generator.crash_after = None
+        _, took = rig.next_attempt(crashed, caplog)
+        assert "database kept it waiting" not in took, took
+        assert "stopped holding it" in took, took
+    finally:
+        rig.services.close()

@@ -108,6 +108,18 @@ class LeasePolicy:
             return timedelta(0)
         return _nth_gap(self.outage_gaps, in_a_row)
 
+    def scoring_lock_gap(self, stops: int) -> timedelta:
+        """How long a version's scoring, left on a database lock after ``stops`` of its stops
+        (``scoring_stops``, the take-over of the attempt that met it included), waits before its
+        next claim: ``outage_gaps[stops]``, so that its attempts span minutes of a lock, not the
+        seconds of the database's own waits back to back; none when that claim judges it without
+        scores (``scoring_exhausted``), which a wait would only delay. Past that (a lock met by
+        the judging without scores, tried again as nothing ends a training whose version is
+        stored) the gaps again: never rung back to back."""
+        if stops + 1 == self.max_attempts:
+            return timedelta(0)
+        return _nth_gap(self.outage_gaps, stops)
+
     def storage_outage_gap(self, waits: int) -> timedelta:
         """How long a local training waits for the object storage after the ``waits``-th wait
         in a row (0: the first) of its outage (``wait_out``): the outage gaps, uncounted until

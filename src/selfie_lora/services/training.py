@@ -230,6 +230,8 @@ WEIGHTS_NOT_STORED = "the trained LoRA could not be stored"
 SCORING_UNREACHABLE = "its version could not be scored"
 # ... and one whose database kept its scoring waiting (a lock): the next attempt scores it.
 SCORING_LOCKED = f"its version could not be scored yet: {DATABASE_LOCKED}"
+# On a training's metrics: the attempt that last stepped away on a database lock.
+LOCKED_AWAY_KEY = "stepped_away_on_lock"
 LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
 # ... and one whose worker found a disk full: it waits for room, its attempts not spent. No
 # detail: the row's error is the user's (GET /api/training/progress, `selfie-lora train`), and
@@ -1287,12 +1289,13 @@ class TrainingService:
                            if current.lease_owner != owner else "continues it after this "
                            "worker's restart: its previous process's",
                            updated.attempt, updated.status)
-        elif claimed.lease_owner is not None and DATABASE_LOCKED in (current.error or ""):
-            # Its last attempt stepped away as the database kept it waiting (a lock, a slow
-            # statement; counted): said as such, where "this worker's restart: its previous
-            # process stopped holding it" sent the operator after a crash that never was. The
-            # row's words, as they may be an earlier attempt's (nothing clears them before the
-            # version is stored).
+        elif (claimed.lease_owner is not None
+              and current.metrics.get(LOCKED_AWAY_KEY) == current.attempt):
+            # The attempt that just ended stepped away as the database kept it waiting (a lock,
+            # a slow statement; counted): said as such, where "this worker's restart: its
+            # previous process stopped holding it" sent the operator after a crash that never
+            # was. Told by the attempt noted at the step-away, not by the row's words, which
+            # stay until the version is stored (a later attempt's crash was said as a lock).
             logger.warning("training %s: %s %s after the database kept it waiting (its row "
                            "says: %s) (attempt %d, %s)", training_id, owner,
                            f"takes it over from {current.lease_owner}"
@@ -1526,8 +1529,15 @@ class TrainingService:
         def leave(t: Training) -> Training:
             goes_on = t.version_id is None and (exc.remote_id is not None
                                                 or t.remote_create_started)
-            hold = self.lease.outage_gap(t) if goes_on else timedelta(0)
-            return step_away(t, self._clock(), reason=exc.reason, hold=hold)
+            hold = self.lease.outage_gap(t) if goes_on else exc.hold
+            left = step_away(t, self._clock(), reason=exc.reason, hold=hold)
+            # Which attempt stepped away on a lock: the next claim names the lock only for the
+            # attempt that just ended (the row's words stay until the version is stored, and a
+            # later attempt may have died for another reason).
+            metrics = {k: v for k, v in left.metrics.items() if k != LOCKED_AWAY_KEY}
+            if exc.locked:
+                metrics[LOCKED_AWAY_KEY] = t.attempt
+            return dataclasses.replace(left, metrics=metrics)
 
         # The database away too: the lease runs out on its own and the reconciler rings again,
         # which counts the attempt all the same.
@@ -1537,6 +1547,11 @@ class TrainingService:
         if left.lease_expires_at is not None and left.lease_expires_at > self._clock():
             # Held back: a message now would find it busy and be dropped; the reconciler
             # rings once the hold is over.
+            if exc.remote_id is None and exc.scoring:
+                logger.warning("training %s: %s (attempt %d); the next attempt continues it "
+                               "after %s", held.training_id, exc.message, held.attempt,
+                               left.lease_expires_at.isoformat())
+                return
             logger.warning("training %s: %s (attempt %d); the remote run %s goes on and the "
                            "next attempt adopts it after %s", held.training_id, exc.message,
                            held.attempt, exc.remote_id or "(its id not known yet)",
@@ -1828,11 +1843,23 @@ class TrainingService:
         # count then, as they used to (it ends sooner, never later).
         at_store = int(version.gate_details.get(RECOVERIES_WHEN_STORED, 0))
         unscorable = None
+        stops = scoring_stops(training, recoveries_when_stored=at_store)
+        # A lock met now: the next attempt waits (spaced, a lock of minutes not spending them all).
+        lock_gap = self.lease.scoring_lock_gap(stops)
         if scoring_exhausted(training, self.lease, recoveries_when_stored=at_store):
-            stops = scoring_stops(training, recoveries_when_stored=at_store)
-            unscorable = (f"the worker scoring it stopped {stops} "
-                          f"{'time' if stops == 1 else 'times'}; "
-                          "compare it yourself with 'selfie-lora compare'")
+            times = f"{stops} {'time' if stops == 1 else 'times'}"
+            if training.metrics.get(LOCKED_AWAY_KEY) == training.attempt - 1:
+                # The attempt before this one stepped away on a lock: not a worker that stopped
+                # (the operator would look for a crash); the owner is not sent to an operator's
+                # command, the log line is.
+                unscorable = (f"its scoring was stopped {times}, the last time by the database "
+                              "kept busy (a lock); it can be compared later")
+                logger.warning("training %s: its version is judged without scores after %s "
+                               "(the last a database lock); compare it with 'selfie-lora "
+                               "compare'", held.training_id, times)
+            else:
+                unscorable = (f"the worker scoring it stopped {times}; "
+                              "compare it yourself with 'selfie-lora compare'")
         try:
             verdict = self._likeness.judge(training.version_id, checkpoint=held.checkpoint,
                                            unscorable=unscorable)
@@ -1847,7 +1874,8 @@ class TrainingService:
             locked = isinstance(exc.__cause__, DatabaseLockedError)
             raise _UnreachableError(exc.message, remote_id=None,
                                     reason=SCORING_LOCKED if locked else STORAGE_UNREACHABLE,
-                                    cause=exc.__cause__, scoring=True) from exc
+                                    cause=exc.__cause__, scoring=True,
+                                    hold=lock_gap if locked else timedelta(0)) from exc
         except StorageUnavailableError as exc:
             # An outage while it was scored (a probe image not stored, its record not
             # written): an interruption, as the training's own, not a version that could not
@@ -1864,7 +1892,7 @@ class TrainingService:
             # spends the scoring's ``max_attempts`` and the version is judged without scores,
             # where an uncounted one would be tried again for ever.
             raise _UnreachableError(exc.message, remote_id=None, reason=SCORING_LOCKED,
-                                    cause=exc, scoring=True) from exc
+                                    cause=exc, scoring=True, hold=lock_gap) from exc
         self._storage_again(held)
         alert = None
         with self._holding(held) as (tx, current):
@@ -2124,7 +2152,8 @@ class _UnreachableError(TrainingInterruptedError):
 
     def __init__(self, message: str, *, remote_id: str | None, reason: str,
                  cause: BaseException | None = None, full: bool = False,
-                 quota: bool = False, scoring: bool = False) -> None:
+                 quota: bool = False, scoring: bool = False,
+                 hold: timedelta = timedelta(0)) -> None:
         super().__init__(message)
         self.remote_id = remote_id
         self.reason = reason
@@ -2140,6 +2169,11 @@ class _UnreachableError(TrainingInterruptedError):
         # Met while its stored version was scored: a remote run has ended by then (its weights
         # are ours), so its outage is waited out as a local training's.
         self.scoring = scoring
+        # A database lock while its version was scored: how long it waits before its next
+        # attempt (``LeasePolicy.scoring_lock_gap``).
+        self.hold = hold
+        # A lock (the database answered), which the next attempt's take-over line names.
+        self.locked = isinstance(cause, DatabaseLockedError)
 
 
 class _Waits:
