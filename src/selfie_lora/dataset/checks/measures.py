@@ -287,8 +287,9 @@ def _crop_short_side(width: int, height: int, policy: CheckPolicy) -> int:
     return min(bucket.width, bucket.height)
 
 
-def measure(image: Pixels, small: Image.Image, k_small: float, face: Face, *,
+def measure(image: Pixels, small: NDArray[np.uint8], k_small: float, face: Face, *,
             scale: float, policy: CheckPolicy) -> PhotoMetrics:
+    """``small``: the pixels of the detection copy, ``k_small`` image pixels per pixel."""
     width, height = image.size
     # The face is measured on its box resized to a fixed size (blur, light, colour, skin: the
     # same numbers whatever the photo's resolution), the frame on the small detection copy
@@ -297,7 +298,7 @@ def measure(image: Pixels, small: Image.Image, k_small: float, face: Face, *,
     face_rgb, x0, y0, kx, ky = _face_crop(image, face, side)
     face_gray = _luma(face_rgb)
     # Every third pixel of the small copy: ~40k pixels are plenty for shares and means.
-    frame = np.asarray(small)[::3, ::3]
+    frame = small[::3, ::3]
     frame_luma = _luma(frame)
     sat, value = _saturation(face_rgb)
     frame_sat, frame_value = _saturation(frame)
