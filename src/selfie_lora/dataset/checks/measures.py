@@ -321,6 +321,9 @@ def measure(image: Pixels, small: NDArray[np.uint8], k_small: float, face: Face,
                                 radius * (kx + ky) / 2)
     yaw, pitch, roll = _pose(face)
     small_box = tuple(v / (k_small * 3) for v in face.box)
+    # Both in one call: one partition of the face's 65k values for the two ranks, not one each
+    # (1.0 against 1.5 ms for 256 x 256 values); the same numbers.
+    luma_low, luma_high = (float(v) for v in np.percentile(face_gray, (10, 90)))
     return PhotoMetrics(
         face_fraction=math.sqrt(area / (width * height)),
         face_px=face_px,
@@ -328,8 +331,8 @@ def measure(image: Pixels, small: NDArray[np.uint8], k_small: float, face: Face,
         cut_off=_cut_off(face, width, height),
         sharpness=_sharpness(image, face, face_gray, side=side),
         face_luma=mean_luma,
-        face_luma_low=float(np.percentile(face_gray, 10)),
-        face_luma_high=float(np.percentile(face_gray, 90)),
+        face_luma_low=luma_low,
+        face_luma_high=luma_high,
         face_clipped=float(((face_gray <= 8) | (face_gray >= 247)).mean()),
         frame_clipped=float(((frame_luma <= 8) | (frame_luma >= 247)).mean()),
         skin_saturation=skin_saturation,
