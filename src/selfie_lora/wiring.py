@@ -18,17 +18,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sqlalchemy import Engine
-
+# The database's, the queue's and the LoRA files' adapters (SQLAlchemy, Alembic, huey and the
+# drivers it loads, numpy) are imported where they are built: `selfie-lora check`, `backup`
+# and `restore` build none of them, and loading them cost each such command ~0.5 s of CPU.
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from selfie_lora.adapters.replicate.session import ReplicateConnection
 
-from selfie_lora.adapters.db.migrate import require_head, upgrade
-from selfie_lora.adapters.db.repository import SqlRepository, make_engine, server_clock
-from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter, normalize_lora
-from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.adapters.sqlite_files import tighten
-from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import DATABASE_FILE, Settings
 from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadLimits
@@ -288,6 +286,8 @@ def _remove_dead_key_candidates(home: Path) -> None:
 def default_blob_store(settings: Settings) -> BlobStore:
     """Files under HOME, or the object storage that SELFIE_LORA_STORAGE_URL names."""
     if settings.storage_url is None:
+        from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+
         return FileSystemBlobStore(settings.blob_dir)
     from selfie_lora.adapters.storage.s3 import S3BlobStore
 
@@ -376,7 +376,7 @@ def default_trainers(settings: Settings, *,
             owner=settings.replicate_owner or settings.destination_owner,
             hardware=settings.replicate_hardware,
             poll_interval=settings.replicate_poll_interval,
-            normalize_weights=normalize_lora,
+            normalize_weights=_normalize_lora,
         )
     return trainers
 
@@ -398,9 +398,27 @@ def default_generators(settings: Settings) -> dict[str, Generator]:
     return generators
 
 
+def server_clock(engine: Engine) -> Callable[[], datetime] | None:
+    """The database server's clock (``adapters.db.repository.server_clock``): a name of this
+    module, so that tests can stand in a skewed one."""
+    from selfie_lora.adapters.db.repository import server_clock as read_server_clock
+
+    return read_server_clock(engine)
+
+
+def _normalize_lora(data: bytes) -> bytes:
+    """``adapters.flux.lora_formats.normalize_lora`` (numpy), loaded at a Replicate training's
+    first weights, not by every process that builds the trainers."""
+    from selfie_lora.adapters.flux.lora_formats import normalize_lora
+
+    return normalize_lora(data)
+
+
 def database_engine(settings: Settings) -> Engine:
     """The engine of SELFIE_LORA_DATABASE_URL, its PostgreSQL pool SELFIE_LORA_DB_POOL_SIZE, its
     bounds SELFIE_LORA_DB_POOL_TIMEOUT, _DB_STATEMENT_TIMEOUT and _DB_ANSWER_TIMEOUT."""
+    from selfie_lora.adapters.db.repository import make_engine
+
     return make_engine(settings.effective_database_url, pool_size=settings.db_pool_size,
                        pool_timeout_s=settings.db_pool_timeout,
                        statement_timeout_s=settings.db_statement_timeout_in_effect,
@@ -417,6 +435,8 @@ def make_home(settings: Settings) -> None:
 def open_database(settings: Settings) -> None:
     """Connects to the database and brings its schema up to date, then lets go: a check that it
     can be reached before a server starts."""
+    from selfie_lora.adapters.db.migrate import upgrade
+
     make_home(settings)
     engine = database_engine(settings)
     try:
@@ -471,6 +491,11 @@ def build_services(
     reads) refuses one that is not at it, changing nothing (``migrate.require_head``); either
     first checks this machine's clock against the database's (``services.clock``), so that a
     refused start changes nothing. False touches neither."""
+    from selfie_lora.adapters.db.migrate import require_head, upgrade
+    from selfie_lora.adapters.db.repository import SqlRepository
+    from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter
+    from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
+
     make_home(settings)
     engine = database_engine(settings)
     # Before anything is written or compared, the migrations too: every shared time is this

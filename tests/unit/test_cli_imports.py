@@ -30,10 +30,11 @@ finally:
 """
 
 
-def _loaded(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _loaded(tmp_path: Path, body: str, *, heavy: tuple[str, ...] = HEAVY,
+            ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
     env["SELFIE_LORA_HOME"] = str(tmp_path / "home")
-    code = REPORT.format(heavy=HEAVY, body=body)
+    code = REPORT.format(heavy=heavy, body=body)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, check=False, timeout=120)
     lines = [line for line in done.stderr.splitlines() if line.startswith("LOADED ")]
@@ -78,3 +79,47 @@ def test_the_default_replicate_address_is_one_the_check_accepts(tmp_path: Path) 
     assert Settings(home=tmp_path).replicate_base_url == REPLICATE_API_URL
     with pytest.raises(ValueError, match="must be Replicate's API address"):
         Settings(home=tmp_path, replicate_base_url="api.replicate.com")
+
+
+# What a model's work loads (train, generate, serve, worker, compare): a command that only reads
+# or writes rows must never load it, or every such command pays seconds for it (diffusers alone
+# is ~4.5 s of CPU to import).
+MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "dlib", "cv2")
+
+
+def _command_loads(tmp_path: Path, args: list[str], heavy: tuple[str, ...]) -> tuple[int, list[str]]:
+    """Runs ``selfie-lora ARGS`` in a fresh interpreter on ``tmp_path``'s HOME, in-process (the
+    entry point's ``main``): its exit status, and which of ``heavy`` it loaded."""
+    body = (f"sys.argv = ['selfie-lora', *{args!r}]\n"
+            "    from selfie_lora.__main__ import main\n"
+            "    try:\n"
+            "        main()\n"
+            "        code = 0\n"
+            "    except SystemExit as exc:\n"
+            "        code = exc.code or 0\n"
+            "    sys.stderr.write(f'EXIT {code}\\n')")
+    done, loaded = _loaded(tmp_path, body, heavy=heavy)
+    exits = [line for line in done.stderr.splitlines() if line.startswith("EXIT ")]
+    assert len(exits) == 1, done.stderr
+    return int(exits[0].removeprefix("EXIT ")), loaded
+
+
+def test_the_commands_on_rows_load_no_model_library(tmp_path: Path) -> None:
+    # (command, its exit status here: ann has no model yet, which model and versions say)
+    for args, status in ((["users", "create", "ann"], 0), (["users", "list"], 0),
+                         (["users", "keys", "list", "ann"], 0), (["model", "--user", "ann"], 1),
+                         (["versions", "--user", "ann"], 1),
+                         (["generations", "list", "--user", "ann"], 0), (["gc", "--dry-run"], 0)):
+        code, loaded = _command_loads(tmp_path, args, MODEL_LIBRARIES)
+        assert (code, loaded) == (status, []), args
+
+
+def test_check_loads_no_database_nor_queue(tmp_path: Path) -> None:
+    # check opens no database (wiring.build_photo_checks): SQLAlchemy, Alembic and huey (with
+    # the redis and psycopg it imports) were ~0.5 s of CPU of each check, loaded for nothing.
+    code, loaded = _command_loads(
+        tmp_path, ["check", str(tmp_path / "no-such-folder")],
+        ("sqlalchemy", "alembic", "huey", "redis", "psycopg", "selfie_lora.adapters.db",
+         "selfie_lora.adapters.queue", *MODEL_LIBRARIES))
+    assert (code, loaded) == (2, [])
+    assert not (tmp_path / "home").exists()  # and makes no HOME

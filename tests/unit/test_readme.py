@@ -338,7 +338,11 @@ def test_the_layout_names_every_api_module_and_service() -> None:
         assert f"`{name}`" in api_part, name
     # Every service an entry point is handed (wiring.Services), and every *Service class.
     services_dir = Path(services.__file__).parent
-    hints = typing.get_type_hints(wiring.Services)
+    # wiring imports SQLAlchemy's Engine for type checking only (commands that open no
+    # database do not load SQLAlchemy): its name is given here to resolve the hints.
+    from sqlalchemy import Engine
+
+    hints = typing.get_type_hints(wiring.Services, localns={"Engine": Engine})
     modules = {hints[f.name].__module__.rsplit(".", 1)[1]
                for f in dataclasses.fields(wiring.Services)
                if getattr(hints[f.name], "__module__", "").startswith("selfie_lora.services.")}
