@@ -123,3 +123,23 @@ def test_check_loads_no_database_nor_queue(tmp_path: Path) -> None:
          "selfie_lora.adapters.queue", *MODEL_LIBRARIES))
     assert (code, loaded) == (2, [])
     assert not (tmp_path / "home").exists()  # and makes no HOME
+
+
+def test_a_command_on_a_database_at_this_release_s_schema_loads_no_alembic(
+        tmp_path: Path) -> None:
+    # Every command compares the database's revision with this release's head; Alembic (~0.1 s
+    # of CPU, its scripts read too) is for a migration, which the first command here runs.
+    code, loaded = _command_loads(tmp_path, ["users", "create", "ann"], ())
+    assert code == 0
+    for args in (["users", "list"], ["users", "create", "bob"], ["gc", "--dry-run"]):
+        code, loaded = _command_loads(tmp_path, args, ("alembic",))
+        assert (code, loaded) == (0, []), args
+
+
+def test_the_head_and_the_revisions_read_without_alembic_are_alembic_s() -> None:
+    from selfie_lora.adapters.db import migrate
+
+    scripts = migrate._scripts()
+    assert migrate._chain() is not None  # read from the files, not left to Alembic
+    assert migrate.head_revision() == scripts.get_current_head()
+    assert migrate.known_revisions() == frozenset(s.revision for s in scripts.walk_revisions())

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
 from selfie_lora.database_url import database_url_shown
 from selfie_lora.domain.accounts import fold_name
 from selfie_lora.errors import ConfigError
+
+# Alembic is imported where a migration runs (``_migrate``) or its scripts are walked: every
+# command compares the database's revision with this release's head, and loading Alembic (and
+# its scripts) for that one comparison cost each command ~0.1 s of CPU.
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +32,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -34,17 +42,49 @@ def alembic_config(url: str) -> Config:
 
 @functools.cache
 def _scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
+# A migration's own lines ``revision: str = "0024"`` and ``down_revision: str | None = "0023"``.
+_REVISION_LINE = re.compile(
+    r"""^(?P<key>revision|down_revision)\b[^=\n]*=\s*(?:None|(?P<q>["'])(?P<id>[^"'\n]+)(?P=q))\s*$""",
+    re.M)
+
+
+@functools.cache
+def _chain() -> dict[str, str | None] | None:
+    """Each migration's revision and the one it revises, read from the files as text, as Alembic
+    reads them but without loading Alembic; None when a file does not say both in that plain
+    form (a merge, a computed id): Alembic's own reading is used then."""
+    chain: dict[str, str | None] = {}
+    for path in sorted((MIGRATIONS_DIR / "versions").glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        found = {m["key"]: m["id"] for m in _REVISION_LINE.finditer(path.read_text("utf-8"))}
+        if set(found) != {"revision", "down_revision"} or found["revision"] is None:
+            return None
+        chain[found["revision"]] = found["down_revision"]
+    return chain or None
 
 
 def head_revision() -> str | None:
     """The newest migration's revision (read from the scripts once per process)."""
-    return _scripts().get_current_head()
+    chain = _chain()
+    if chain is not None:
+        heads = set(chain) - set(chain.values())
+        if len(heads) == 1:
+            return heads.pop()
+    return _scripts().get_current_head()  # several heads: Alembic says so as it always did
 
 
 @functools.cache
 def known_revisions() -> frozenset[str]:
     """Every revision this release's migrations know."""
+    chain = _chain()
+    if chain is not None:
+        return frozenset(chain)
     return frozenset(script.revision for script in _scripts().walk_revisions())
 
 
@@ -170,6 +210,8 @@ def rename_advice(example: str) -> str:
 
 
 def _migrate(engine: Engine) -> None:
+    from alembic import command
+
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection, _unbounded(connection):
         if connection.dialect.name == "postgresql":
