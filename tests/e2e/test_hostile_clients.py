@@ -7,13 +7,13 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import ServeProcess, clean_env, create_user
+from tests.e2e.conftest import ServeProcess, clean_env, make_users, servers
 
 pytestmark = pytest.mark.slow
 
@@ -52,11 +52,25 @@ def closed_by_server(s: socket.socket) -> bool:
         return True  # reset: the server closed it
 
 
-@pytest.fixture
-def server(serve: Callable[..., ServeProcess], tmp_path: Path) -> ServeProcess:
-    env = clean_env(tmp_path / "home", SELFIE_LORA_HEADER_TIMEOUT=str(HEADER_TIMEOUT),
+# One server for the file's three client tests, not one each: a start (with its photo-analysis
+# processes) took seconds of CPU, and each test leaves it as it found it (its connections closed;
+# the one user made by the last). A client test that left the server unable to serve fails the
+# tests after it, as it should: the server must keep serving through them.
+@pytest.fixture(scope="module")
+def file_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    folder = tmp_path_factory.mktemp("hostile-serve")
+    env = clean_env(folder / "home", SELFIE_LORA_HEADER_TIMEOUT=str(HEADER_TIMEOUT),
                     SELFIE_LORA_BODY_TIMEOUT=str(BODY_TIMEOUT), SELFIE_LORA_MIN_BODY_RATE="1024")
-    return serve(env)
+    with servers(folder) as start:
+        yield start(env)
+
+
+@pytest.fixture
+def server(file_server: ServeProcess) -> ServeProcess:
+    """The file's server, still running when a test starts."""
+    if file_server.proc.poll() is not None:
+        pytest.fail(file_server.why("the file's server has exited"))
+    return file_server
 
 
 def test_slow_headers_are_cut_off_and_the_server_keeps_serving(server: ServeProcess) -> None:
@@ -97,7 +111,9 @@ def test_a_body_that_never_comes_is_answered_401_without_a_key(server: ServeProc
 
 
 def test_declared_and_trickled_bodies_over_their_limits(server: ServeProcess) -> None:
-    headers = create_user(server.env, "ann")
+    # Made in this process (a `users create` process is ~2 s of CPU, its imports; the command is
+    # tested in test_serve and test_cli_worker).
+    headers = make_users(server.env, "ann")["ann"]
     key = headers["Authorization"]
     # Declared too big: 413 at once, nothing read.
     s = connect(server.port)
