@@ -66,17 +66,6 @@ def test_a_taken_port_is_one_line_and_exit_1_before_anything_starts(tmp_path: Pa
     assert "Traceback" not in output, output
 
 
-def test_port_0_says_the_port_it_listens_on(tmp_path: Path) -> None:
-    proc, log = start(tmp_path, "--port", "0")
-    try:
-        port = int(wait_for(proc, log, r"open http://127\.0\.0\.1:(\d+)/").group(1))
-        assert port != 0
-        assert healthy(port), log.read_text(errors="replace")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=DEADLINE_S)
-
-
 def test_port_0_with_two_processes_gives_them_one_port(tmp_path: Path) -> None:
     # Each process bound a port of its own, and none was said (the log said :0).
     proc, log = start(tmp_path, "--port", "0", "--processes", "2")
@@ -93,12 +82,16 @@ def test_port_0_with_two_processes_gives_them_one_port(tmp_path: Path) -> None:
         proc.wait(timeout=DEADLINE_S)
 
 
-def test_sigterm_stops_it_with_exit_status_0(tmp_path: Path) -> None:
+# One server for both: the port it says (a start and stop of a server cost seconds of CPU, and
+# the port test stopped it with the same SIGTERM).
+def test_port_0_says_the_port_it_listens_on_and_sigterm_stops_it_with_exit_status_0(
+        tmp_path: Path) -> None:
     # uvicorn raised SIGTERM again after its graceful shutdown: status 143 (-15 here), where
     # `worker` and `serve --processes N` end with 0.
     proc, log = start(tmp_path, "--port", "0")
     try:
         port = int(wait_for(proc, log, r"open http://127\.0\.0\.1:(\d+)/").group(1))
+        assert port != 0
         assert healthy(port), log.read_text(errors="replace")
     finally:
         proc.send_signal(signal.SIGTERM)
