@@ -29,7 +29,7 @@ from tests.e2e.chaos import (
     no_process_left,
     wait_healthy,
 )
-from tests.e2e.conftest import clean_env, create_user, free_port
+from tests.e2e.conftest import clean_env, free_port, make_users
 from tests.support.photos import real_photo_zip
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,10 @@ def test_scale_path_survives_kills_in_every_phase(
             SELFIE_LORA_REPLICATE_POLL_INTERVAL="0.2",
             SELFIE_LORA_PROBE_COUNT="2",
         )
-        users = {name: create_user(env, name) for name in ("ann", "bob", "cat")}
+        # Made by the service that `users create` calls, in this process: a command process each
+        # (~2 s of CPU, its imports) for users that are the loop's set-up. The command itself on
+        # PostgreSQL is run by test_scale_out.
+        users = make_users(env, "ann", "bob", "cat")
         port = free_port()
         api = Proc("serve", ["serve", "--no-worker", "--port", str(port)], env, tmp_path)
         workers = [Proc(f"worker{i}", ["worker"], env, tmp_path) for i in range(2)]
@@ -109,7 +112,7 @@ def test_a_training_whose_worker_died_is_canceled_even_with_no_worker_left(
             REPLICATE_API_TOKEN=standin.token, SELFIE_LORA_REPLICATE_BASE_URL=standin.base_url,
             SELFIE_LORA_REPLICATE_OWNER=owner, SELFIE_LORA_REPLICATE_POLL_INTERVAL="0.2",
         )
-        ann = create_user(env, "ann")
+        ann = make_users(env, "ann")["ann"]  # set-up, as in the test above
         port = free_port()
         api = Proc("serve", ["serve", "--no-worker", "--port", str(port)], env, tmp_path)
         worker = Proc("worker", ["worker"], env, tmp_path)
