@@ -139,11 +139,16 @@ class _SlowToRead(S3BlobStore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.reads = threading.Barrier(2, timeout=1)
+        # The threads that read the flag, one entry a read: the test asserts the race was met
+        # (a flag renamed, or kept otherwise, would leave this property unread and the test
+        # passing whatever the store does).
+        self.read_by: list[int] = []
         super().__init__(*args, **kwargs)
 
     @property
     def _said_unnamed(self) -> bool:
         said: bool = self.__dict__["said"]
+        self.read_by.append(threading.get_ident())
         # What was read is kept while the other thread reads; no second read within the second
         # (it waits on the lock this read is under) breaks the barrier.
         with contextlib.suppress(threading.BrokenBarrierError):
@@ -177,6 +182,9 @@ def test_an_unnamed_download_is_said_once_whatever_threads_meet_it(
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    # Each download read the flag once, through the slow read: the interleaving was forced.
+    assert sorted(store.read_by) == sorted(thread.ident for thread in threads)
     assert urls == [AWS_EXAMPLE, AWS_EXAMPLE]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, warnings  # old code: 2
