@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import AliasChoices, ValidationError
+from pydantic.fields import FieldInfo
 from typer.testing import CliRunner
 
 from selfie_lora.cli import app
@@ -25,16 +26,18 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 APP_SERVICES = ("serve", "worker")
 
 
+def env_names(name: str, field: FieldInfo) -> set[str]:
+    """The environment variables the ``Settings`` field ``name`` is read from."""
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return {str(choice) for choice in alias.choices}
+    return {f"SELFIE_LORA_{name.upper()}"}
+
+
 def setting_names() -> set[str]:
     """Every environment variable ``Settings`` reads."""
-    names = set()
-    for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        if isinstance(alias, AliasChoices):
-            names |= {str(choice) for choice in alias.choices}
-        else:
-            names.add(f"SELFIE_LORA_{name.upper()}")
-    return names
+    return set().union(*(env_names(name, field)
+                         for name, field in Settings.model_fields.items()))
 
 
 def env_file(path: Path) -> dict[str, str]:
@@ -127,15 +130,18 @@ def test_the_settings_file_names_every_setting_but_those_left_to_the_readme() ->
     named = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", text, re.MULTILINE))
     missing, listed_twice = [], []
     for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        env = ({str(choice) for choice in alias.choices} if isinstance(alias, AliasChoices)
-               else {f"SELFIE_LORA_{name.upper()}"})
+        env = env_names(name, field)
         if not env & named and name not in LEFT_TO_THE_README:
-            missing.append(name)
+            missing.append(f"{name} (#{'= or #'.join(sorted(env))}=)")
         if env & named and name in LEFT_TO_THE_README:
             listed_twice.append(name)
-    assert missing == [], f"settings the example does not name: {missing}"
-    assert listed_twice == [], f"named in the example, so not left to the README: {listed_twice}"
+    assert missing == [], (
+        f"settings the example does not name: {', '.join(missing)}; add each to "
+        f"deploy/selfie-lora.env.example (a commented line will do) or to LEFT_TO_THE_README")
+    assert listed_twice == [], (
+        f"named in the example and in LEFT_TO_THE_README: {listed_twice}; take each out of one")
+    # A commented line is checked too: a misspelt #NAME= would otherwise name nothing.
+    assert named <= setting_names(), f"the example names no such setting: {named - setting_names()}"
     assert LEFT_TO_THE_README - set(Settings.model_fields) == set()  # no longer settings
 
 
