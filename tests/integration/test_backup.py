@@ -1877,6 +1877,32 @@ def _restore_beside_a_full_disk(settings: Settings, tmp_path: Path,
     return target, line
 
 
+# Old code: "the disk holding P is full (9.5 MB free); it needs about 10.0 MB": the free space
+# shown in MB of 1024 * 1024 bytes (disk_space.shown), the need in MB of 1,000,000, one unit
+# read two ways in one line.
+@pytest.mark.parametrize(("code", "said"), [
+    (errno.ENOSPC, "the disk holding {where} is full (9.5 MB free); it needs about 9.5 MB"),
+    (errno.EDQUOT, "the quota of this account on the disk holding {where} is used up (the disk "
+                   "itself has 9.5 MB free); it needs about 9.5 MB"),
+], ids=["ENOSPC", "EDQUOT"])
+def test_a_full_disk_says_its_free_space_and_the_need_in_one_unit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, said: str) -> None:
+    import shutil
+
+    from selfie_lora import disk_space
+    from selfie_lora.adapters import backup
+
+    monkeypatch.setattr(disk_space.shutil, "disk_usage",
+                        lambda _path: shutil._ntuple_diskusage(  # type: ignore[attr-defined]
+                            10**9, 10**9 - 10**7, 10**7))
+    assert backup._no_space(OSError(code, os.strerror(code)), where=tmp_path,
+                            needs=10**7) == said.format(where=tmp_path)
+
+
+# A size as disk_space.shown says it: whole KB, or MB and GB to one decimal.
+_SHOWN = r"(?:[0-9]+ KB|[0-9]+\.[0-9] [MG]B)"
+
+
 def _says_no_room(line: str, *, said: str, where: Path, code: int, full: str,
                   quota: str) -> bool:
     """``line`` is ``said``, then that the disk holding ``where`` is full, its free space and
@@ -1885,14 +1911,14 @@ def _says_no_room(line: str, *, said: str, where: Path, code: int, full: str,
     words every full disk and quota is said in (``disk_space.full_disk_words``)."""
     if code == errno.EDQUOT:
         pattern = (re.escape(f"{said}: the quota of this account on the disk holding {where} is "
-                             "used up (the disk itself has ") + r"[0-9.]+ [KMG]B"
-                   + re.escape(" free); it needs about ") + r"[0-9.]+ MB"
+                             "used up (the disk itself has ") + _SHOWN
+                   + re.escape(" free); it needs about ") + _SHOWN
                    + re.escape(f"; {quota}"))
     else:
         # Old code: "the disk of PARENT is full (N MB free; it needs about M MB)", words of
         # its own beside every other full disk's "the disk holding PARENT is full (N free)".
-        pattern = (re.escape(f"{said}: the disk holding {where} is full (") + r"[0-9.]+ [KMG]B"
-                   + re.escape(" free); it needs about ") + r"[0-9.]+ MB"
+        pattern = (re.escape(f"{said}: the disk holding {where} is full (") + _SHOWN
+                   + re.escape(" free); it needs about ") + _SHOWN
                    + re.escape(f"; {full}"))
     return re.fullmatch(pattern, line) is not None
 

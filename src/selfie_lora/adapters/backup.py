@@ -58,6 +58,7 @@ from selfie_lora.disk_space import (
     is_full_error,
     is_io_error,
     is_quota_error,
+    shown,
 )
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
 from selfie_lora.errors import ConfigError, InvalidInputError, StorageError, StorageFullError
@@ -156,10 +157,6 @@ def _writing_beside_home() -> Iterator[None]:
         raise
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
-
-
 def _no_space(exc: OSError, *, where: Path, needs: int | None) -> str | None:
     """A full disk said as one: which folder's disk, how much is free there and about how much
     the work needs, in the words every full disk and quota is said in (``full_disk_words``; a
@@ -167,7 +164,8 @@ def _no_space(exc: OSError, *, where: Path, needs: int | None) -> str | None:
     other error."""
     if not is_full_error(exc):
         return None
-    need = f"; it needs about {_megabytes(needs)}" if needs else ""
+    # In the unit the free space is said in (``shown``), so that the two compare as read.
+    need = f"; it needs about {shown(needs)}" if needs else ""
     return f"{full_disk_words(where, exc)}{need}"
 
 
