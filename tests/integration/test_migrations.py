@@ -4,15 +4,17 @@ again; and the schema they make is the one the tables declare."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, event, inspect, text
 
 from selfie_lora.adapters.db.migrate import alembic_config, at_head, head_revision, upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
@@ -512,6 +514,22 @@ def _users_indexes(engine: Engine) -> dict[str, list[str | None]]:
     return {str(ix["name"]): list(ix["column_names"]) for ix in inspect(engine).get_indexes("users")}
 
 
+@contextmanager
+def _statements(engine: Engine) -> Iterator[list[tuple[str, Any]]]:
+    """The SQL ``engine`` is given while the block runs, each with its parameters."""
+    issued: list[tuple[str, Any]] = []
+
+    def record(_conn: object, _cursor: object, statement: str, parameters: Any,
+               _context: object, _executemany: bool) -> None:
+        issued.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield issued
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
 def test_0025_indexes_when_a_deletion_was_asked_for(engine: Engine) -> None:
     """The periodic check's due deletions (``finish_pending``) and ``gc``'s pending ones filter
     users on ``erasure_requested_at`` and sort by it, which no index held: each read went
@@ -521,15 +539,22 @@ def test_0025_indexes_when_a_deletion_was_asked_for(engine: Engine) -> None:
     migrate(engine, "head")
     assert _users_indexes(engine).get("ix_users_erasure_requested_at") == [
         "erasure_requested_at"]  # old code: no such index
-    if engine.dialect.name == "sqlite":
-        with engine.connect() as conn:
-            plan = " ".join(str(row[-1]) for row in conn.execute(text(
-                "EXPLAIN QUERY PLAN SELECT id FROM users WHERE erasure_requested_at <= :t "
-                "ORDER BY erasure_requested_at, id"), {"t": NOW}))
-        assert "ix_users_erasure_requested_at" in plan, plan
     repo = SqlRepository(engine)
     assert repo.request_erasure("u1", at=NOW)
-    assert [u.name for u in repo.pending_erasures(requested_before=NOW)] == ["bob"]
+    # Both of the repository's reads, as it issues them (a query drifting from the index, a
+    # lower() or a join, would be seen): SQLite's plan searches by the index for each, not
+    # only walks the table in its order.
+    with _statements(engine) as issued:
+        assert [u.name for u in repo.pending_erasures(requested_before=NOW)] == ["bob"]
+        assert [u.name for u in repo.pending_erasures()] == ["bob"]
+    reads = [(sql, params) for sql, params in issued if "erasure_requested_at" in sql]
+    assert len(reads) == 2, issued
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            for sql, params in reads:
+                plan = " ".join(str(row[-1]) for row in
+                                conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+                assert "SEARCH users USING INDEX ix_users_erasure_requested_at" in plan, (sql, plan)
     migrate(engine, "0024", down=True)
     assert "ix_users_erasure_requested_at" not in _users_indexes(engine)
     migrate(engine, "head")
