@@ -701,6 +701,27 @@ def test_an_account_deletion_over_a_quota_says_the_quota_not_a_full_disk(
                              "it finishes by itself)"), line
 
 
+# Old code: both were one kind ("a full disk"), so a disk that filled after the quota was said
+# went at DEBUG: the operator kept reading "raise the quota" while the disk itself was full.
+def test_an_account_deletion_says_a_full_disk_met_after_a_used_up_quota(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with _ann_deletion_failing(tmp_path, OSError(errno.EDQUOT, "Disk quota exceeded")) as (
+            erasure, store):
+        said = []
+        for refused in (None, OSError(errno.ENOSPC, "No space left on device")):
+            if refused is not None:
+                store.broken = refused
+            _past_due(erasure)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"):
+                assert erasure.finish_pending() == []
+            said += [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert said[0].endswith("refused for a used-up disk quota: raise the quota or delete files "
+                            "it counts, and it finishes by itself)"), said
+    assert said[1].endswith("refused for a full disk: free space and it finishes by itself)"), said
+
+
 @pytest.mark.parametrize("error", [
     DatabaseRefusedError("database error: QueuePool limit of size 15 overflow 0 reached, "
                          "connection timed out, timeout 30.00", pool_exhausted=True),

@@ -441,7 +441,6 @@ class AccountEraser:
         and again for a refusal of another kind (each kind once while they last)."""
         retry = self._due_soon(user)
         kind = refusal_kind(exc)
-        began = self._refusal.met(user.id, kind, ticket=ticket)
         words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
         said = kind
         if kind == FULL_DISK and (is_quota_error(exc)
@@ -453,6 +452,9 @@ class AccountEraser:
             mend = "free space and it finishes by itself"
         else:
             mend = "it finishes by itself once that is over"
+        # Said once a kind as said: a disk that fills after a quota was said is said too (one
+        # kind, the operator kept reading "raise the quota" while the disk was full).
+        began = self._refusal.met(user.id, said, ticket=ticket)
         logger.log(logging.WARNING if began else logging.DEBUG,
                    "user %s: the deletion could not be finished now: %s; tried again in %s "
                    "(said once while it is refused for %s: %s)", user.name, words,
