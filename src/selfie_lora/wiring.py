@@ -369,6 +369,9 @@ def default_trainers(settings: Settings, *,
     if settings.replicate_api_token is None:
         _say_replicate_has_no_token(settings)
     else:
+        # Here, not at wiring's module level, as lora_formats imports numpy (build_services has
+        # it loaded already, for FluxLoraConverter: this defers nothing there).
+        from selfie_lora.adapters.flux.lora_formats import normalize_lora
         from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 
         trainers["replicate"] = ReplicateTrainer(
@@ -376,7 +379,7 @@ def default_trainers(settings: Settings, *,
             owner=settings.replicate_owner or settings.destination_owner,
             hardware=settings.replicate_hardware,
             poll_interval=settings.replicate_poll_interval,
-            normalize_weights=_normalize_lora,
+            normalize_weights=normalize_lora,
         )
     return trainers
 
@@ -404,14 +407,6 @@ def server_clock(engine: Engine) -> Callable[[], datetime] | None:
     from selfie_lora.adapters.db.repository import server_clock as read_server_clock
 
     return read_server_clock(engine)
-
-
-def _normalize_lora(data: bytes) -> bytes:
-    """``adapters.flux.lora_formats.normalize_lora`` (numpy), loaded at a Replicate training's
-    first weights, not by every process that builds the trainers."""
-    from selfie_lora.adapters.flux.lora_formats import normalize_lora
-
-    return normalize_lora(data)
 
 
 def database_engine(settings: Settings) -> Engine:
