@@ -20,7 +20,7 @@ from selfie_lora.errors import DatabaseLockedError
 from selfie_lora.services.layout import reference_key
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import TrainingJob
-from selfie_lora.services.training import DATABASE_LOCKED, SCORING_LOCKED
+from selfie_lora.services.training import DATABASE_LOCKED, SCORING_LOCKED, TrainingService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter, SimulatedCrash
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
@@ -360,5 +360,36 @@ def test_a_crash_after_a_lock_is_not_said_as_a_lock(
         _, took = rig.next_attempt(crashed, caplog)
         assert "database kept it waiting" not in took, took
         assert "stopped holding it" in took, took
+    finally:
+        rig.services.close()
+
+
+def test_a_lock_escaped_to_the_run_s_fallback_is_said_as_a_lock(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A lock met outside the fences (a read after the scoring, outside ``_judge``'s try) reaches
+    run()'s handler of the unexpected: its row says a lock, and so does the next attempt's line,
+    not "this worker's restart" (a crash that never was)."""
+    again = TrainingService._storage_again
+    calls: list[int] = []
+    armed = {"lock": False}
+
+    def storage_again(service: TrainingService, held: object) -> None:
+        if rig.scoring and armed["lock"]:
+            calls.append(1)
+            if len(calls) == 2:  # the one in _judge, after the scoring
+                raise DatabaseLockedError(LOCKED, lock=True)
+        again(service, held)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TrainingService, "_storage_again", storage_again)
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        armed["lock"] = True
+        second = rig.train(3)
+        assert len(calls) == 2
+        assert second.error == DATABASE_LOCKED, second.error
+        _, took = rig.next_attempt(second, caplog)
+        assert "restart" not in took, took
+        assert "database kept it waiting" in took, took
     finally:
         rig.services.close()

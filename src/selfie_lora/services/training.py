@@ -998,8 +998,12 @@ class TrainingService:
                                  "stepping away", training_id, type(exc).__name__)
                 reason = (_database_reason(exc) if isinstance(exc, StorageError)
                           else INTERRUPTED_BY_ERROR)
-                self._step_away(held, _UnreachableError(exc.message, remote_id=held.remote_id,
-                                                        reason=reason))
+                # A lock's cause only: it has the next claim name the lock (``locked``), where
+                # "this worker's restart" sent the operator after a crash. Not every storage
+                # error's, which would count the others here as outages, not attempts.
+                self._step_away(held, _UnreachableError(
+                    exc.message, remote_id=held.remote_id, reason=reason,
+                    cause=exc if isinstance(exc, DatabaseLockedError) else None))
 
     def worker_alive(self, name: str) -> None:
         """Worker ``name`` (one that consumes the queue) is alive now: it counts as live in
