@@ -112,6 +112,25 @@ def test_outage_step_aways_are_spaced_and_the_last_is_not_held() -> None:
     assert gaps == [timedelta(minutes=1), timedelta(minutes=5), timedelta(0)]
 
 
+def test_a_scoring_s_lock_gaps_are_none_only_before_the_judging_without_scores() -> None:
+    """A version's scoring left on a lock waits the outage gaps, none before the claim that
+    judges it without scores (``max_attempts - 1`` stops: a wait would only delay it), and past
+    that the gaps again: the judging without scores met by a lock is never rung back to
+    back."""
+    for attempts in (1, 2, 3, 5):
+        policy = dataclasses.replace(POLICY, max_attempts=attempts)
+        gaps = policy.outage_gaps
+        assert policy.scoring_lock_gap(attempts - 1) == timedelta(0)
+        for stops in range(attempts - 1):
+            assert policy.scoring_lock_gap(stops) == gaps[min(stops, len(gaps) - 1)] > timedelta(0)
+        for stops in range(attempts, attempts + 4):
+            gap = policy.scoring_lock_gap(stops)
+            assert gap == gaps[min(stops, len(gaps) - 1)] > timedelta(0), (attempts, stops)
+    assert [POLICY.scoring_lock_gap(n) for n in range(5)] == [
+        timedelta(minutes=1), timedelta(minutes=5), timedelta(0), timedelta(minutes=15),
+        timedelta(minutes=15)]
+
+
 def test_a_worker_restarting_under_its_name_leaves_a_hold_alone() -> None:
     """A restart (a deploy, systemd) expires the leases under its reused slot name
     (``expire_lease``): those of the trainings it ran are dead. A training held back in an outage
