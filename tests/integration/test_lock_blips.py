@@ -387,9 +387,65 @@ def test_a_lock_escaped_to_the_run_s_fallback_is_said_as_a_lock(
         armed["lock"] = True
         second = rig.train(3)
         assert len(calls) == 2
-        assert second.error == DATABASE_LOCKED, second.error
+        # Its version stored: said as its scoring's lock (spaced as one, ``_step_away``).
+        assert second.error == SCORING_LOCKED, second.error
         _, took = rig.next_attempt(second, caplog)
         assert "restart" not in took, took
         assert "database kept it waiting" in took, took
+    finally:
+        rig.services.close()
+
+
+def _verdicts_locked(rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The gate's verdict write (``apply_verdict``: the model's and version's rows FOR UPDATE)
+    of the scoring kept waiting by a lock that never ends: each time met, listed."""
+    apply = LikenessService.apply_verdict
+    met: list[int] = []
+
+    def apply_verdict(service: LikenessService, tx: object, verdict: object) -> object:
+        if rig.scoring:
+            met.append(1)
+            raise DatabaseLockedError(LOCKED, lock=True)
+        return apply(service, tx, verdict)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LikenessService, "apply_verdict", apply_verdict)
+    return met
+
+
+def _holds(rig: _Rig, t: Training, *, runs: int) -> tuple[Training, list[timedelta]]:
+    """``t`` run again once each hold has passed, ``runs`` times at most or until it ends: its
+    row then, and each hold it was left with."""
+    holds = []
+    for _ in range(runs):
+        if t.status.is_terminal:
+            break
+        assert t.lease_expires_at is not None
+        holds.append(t.lease_expires_at - rig.clock.now())
+        rig.clock.past(t)
+        rig.services.training.run(t.id)
+        t = rig.training(t.id)
+    return t, holds
+
+
+def test_a_lock_on_the_gate_s_verdict_write_is_spaced_as_the_scoring_s(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock on the gate's verdict write waits the scoring's gaps (1 min, 5 min, none before
+    the judging without scores, then 15 min each), where it was stepped away from with no hold:
+    a lock of minutes spent the scoring's attempts in seconds, then rang for ever."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        met = _verdicts_locked(rig, monkeypatch)
+        second = rig.train(3)
+        assert met
+        assert second.error == SCORING_LOCKED, second.error
+        second, holds = _holds(rig, second, runs=5)
+        attempts = rig.services.training.lease.max_attempts
+        gaps = rig.services.training.lease.outage_gaps
+        assert holds[:attempts] == [gaps[0], gaps[1], timedelta(0)], holds
+        assert holds[attempts:], holds
+        assert all(h == gaps[-1] for h in holds[attempts:]), holds
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.PENDING, version.gate_reason
     finally:
         rig.services.close()

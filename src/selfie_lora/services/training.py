@@ -1401,6 +1401,16 @@ class TrainingService:
             logger.info("training %s: the disk has room again; the trainings that waited for it "
                         "go on", held.training_id)
 
+    def _scoring_lock_gap(self, held: _Held, t: Training) -> timedelta:
+        """How long ``t``, its version stored, waits after a lock (``scoring_lock_gap`` of its
+        scoring's stops). Its stops are not known when the lock was met before ``_judge`` read
+        its version's count: all its take-overs are taken as the scoring's then, and the first
+        gap at least, so that such a lock is not rung back to back either."""
+        if held.recoveries_when_stored is not None:
+            return self.lease.scoring_lock_gap(
+                scoring_stops(t, recoveries_when_stored=held.recoveries_when_stored))
+        return max(self.lease.scoring_lock_gap(t.recoveries), self.lease.scoring_lock_gap(0))
+
     def _wait_for_room(self, held: _Held, exc: _UnreachableError) -> None:
         """Leave a training whose worker found a disk full: it waits (``wait_for_room``, not
         counted as an attempt) and is tried again after a gap that grows to a minute. Said once
@@ -1534,7 +1544,15 @@ class TrainingService:
             goes_on = t.version_id is None and (exc.remote_id is not None
                                                 or t.remote_create_started)
             hold = self.lease.outage_gap(t) if goes_on else exc.hold
-            left = step_away(t, self._clock(), reason=exc.reason, hold=hold)
+            reason = exc.reason
+            if t.version_id is not None and exc.locked:
+                # A lock once its version is stored, wherever it was met (the gate's verdict
+                # write, ``_judge``'s read, a read outside the fences): spaced as a lock in the
+                # scoring is, where the paths outside ``judge`` were rung back to back and a
+                # lock that did not end spent the scoring's attempts in seconds.
+                hold = max(hold, self._scoring_lock_gap(held, t))
+                reason = SCORING_LOCKED
+            left = step_away(t, self._clock(), reason=reason, hold=hold)
             # Which attempt stepped away on a lock: the next claim names the lock only for the
             # attempt that just ended (the row's words stay until the version is stored, and a
             # later attempt may have died for another reason).
@@ -1551,7 +1569,7 @@ class TrainingService:
         if left.lease_expires_at is not None and left.lease_expires_at > self._clock():
             # Held back: a message now would find it busy and be dropped; the reconciler
             # rings once the hold is over.
-            if exc.remote_id is None and exc.scoring:
+            if exc.remote_id is None and (exc.scoring or left.version_id is not None):
                 logger.warning("training %s: %s (attempt %d); the next attempt continues it "
                                "after %s", held.training_id, exc.message, held.attempt,
                                left.lease_expires_at.isoformat())
@@ -1846,6 +1864,7 @@ class TrainingService:
         # A version stored before this count was kept has none: all its training's take-overs
         # count then, as they used to (it ends sooner, never later).
         at_store = int(version.gate_details.get(RECOVERIES_WHEN_STORED, 0))
+        held.recoveries_when_stored = at_store  # a lock from here on: spaced by its stops
         unscorable = None
         stops = scoring_stops(training, recoveries_when_stored=at_store)
         # A lock met now: the next attempt waits (spaced, a lock of minutes not spending them all).
@@ -2438,6 +2457,9 @@ class _Held:
         self.remote_id = training.remote_id
         # This attempt's progress is on the row (``TrainingService._progressed``): written once.
         self.progressed = False
+        # Its stored version's ``RECOVERIES_WHEN_STORED``, once ``_judge`` has read it: the count
+        # its scoring's stops start from (``scoring_stops``); None before.
+        self.recoveries_when_stored: int | None = None
         # The full-disk and object storage outages as this attempt found them
         # (``Outage.attempt``).
         self.room_ticket = service._room.outage.attempt()
