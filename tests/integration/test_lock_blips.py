@@ -449,3 +449,52 @@ def test_a_lock_on_the_gate_s_verdict_write_is_spaced_as_the_scoring_s(
         assert version.gate_status is GateStatus.PENDING, version.gate_reason
     finally:
         rig.services.close()
+
+
+@pytest.mark.parametrize("version_row", ["takes_the_hold", "locked_too"])
+def test_a_lock_on_the_gate_s_verdict_write_that_never_ends_ends_the_training(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        version_row: str) -> None:
+    """Bounded: once the judging without scores has been stopped ``max_attempts`` times as well,
+    the training ends (succeeded: its version is stored) on its own row, the version kept and
+    never activated: held, its reason the lock's, or, its row locked too, left undecided. Before,
+    it was claimed again every 15 min for ever."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        _verdicts_locked(rig, monkeypatch)
+        if version_row == "locked_too":
+            def hold_unjudged(service: LikenessService, tx: object, version_id: str,
+                              **kw: object) -> None:
+                raise DatabaseLockedError(LOCKED, lock=True)
+
+            monkeypatch.setattr(LikenessService, "hold_unjudged", hold_unjudged)
+        second = rig.train(3)
+        attempts = rig.services.training.lease.max_attempts
+        with caplog.at_level(logging.INFO, logger="selfie_lora"):
+            second, holds = _holds(rig, second, runs=3 * attempts)
+        assert second.status is TrainingStatus.SUCCEEDED, (holds, second.error)
+        assert len(holds) == 2 * attempts, holds
+        assert second.error is None
+        version = rig.version(second)
+        model = rig.services.repo.get_model(second.model_id)
+        assert model is not None
+        assert model.active_version_id == first.version_id  # never activated
+        if version_row == "locked_too":
+            assert version.gate_status is GateStatus.PENDING, version.gate_reason
+        else:
+            assert version.gate_status is GateStatus.HELD, version.gate_reason
+            reason = version.gate_reason or ""
+            assert "could not judge version" in reason, reason
+            assert "the last time because the database was busy (a lock)" in reason, reason
+            assert "Versions page" in reason, reason
+            assert "selfie-lora" not in reason, reason
+        [ended] = [r.getMessage() for r in caplog.records
+                   if "not judged by the likeness gate" in r.getMessage()]
+        assert "database was busy" in ended, ended
+        page = rig.services.likeness.log_page(user=rig.user, limit=5, before=None)
+        [event] = [e for e in page.events if e["kind"] == "training_succeeded"
+                   and e["data"]["training_id"] == second.id]
+        assert event["data"]["gate"]["status"] == str(version.gate_status), event
+    finally:
+        rig.services.close()

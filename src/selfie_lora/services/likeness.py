@@ -117,6 +117,10 @@ logger = logging.getLogger(__name__)
 
 CANCELED_REASON = ("version {number}'s training was canceled before the likeness gate decided, "
                    f"so {KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}")
+# ... and one the gate could not judge at all (``TrainingService._end_unjudged``): {why} says why.
+UNJUDGED_REASON = ("the likeness gate could not judge version {number}: {why}, so "
+                   f"{KEPT_NOT_ACTIVATED}{ACTIVATE_HINT} (on the Versions page, where you can "
+                   "also compare it with the active version)")
 
 
 # Why a version could not be scored, as its owner reads it (its record's ``error``, the gate's
@@ -572,6 +576,16 @@ class LikenessService:
         """Inside the caller's transaction: the version of a training its user canceled before
         the gate decided is kept, held, never activated by the gate (one its user activated
         meanwhile stays active, and its reason says so)."""
+        self._hold_undecided(tx, version_id, reason=CANCELED_REASON, mark="canceled")
+
+    def hold_unjudged(self, tx: Repository, version_id: str, *, why: str) -> None:
+        """Inside the caller's transaction: a version the gate could not judge (``why``, its
+        owner's words) is kept, held, never activated by the gate, as a canceled one is."""
+        self._hold_undecided(tx, version_id, reason=UNJUDGED_REASON.replace("{why}", why),
+                             mark="unjudged")
+
+    def _hold_undecided(self, tx: Repository, version_id: str, *, reason: str,
+                        mark: str) -> None:
         found = tx.get_version(version_id)
         locked = None if found is None else _lock_model_and_version(tx, found.model_id, version_id)
         if locked is None:
@@ -579,12 +593,12 @@ class LikenessService:
         model, current = locked
         if current.gate_status is not GateStatus.PENDING:
             return
-        reason = CANCELED_REASON.format(number=current.number)
+        reason = reason.replace("{number}", str(current.number))
         if model.active_version_id == current.id:
             reason = held_but_user_activated(reason)  # activated by its user meanwhile: it stays
         tx.set_version_gate(current.id, status=GateStatus.HELD, reason=reason,
                             details={**current.gate_details, "decided_at": utcnow().isoformat(),
-                                     "canceled": True})
+                                     mark: True})
 
     def deliver_alert(self, claimed: alerts.ClaimedAlert) -> bool:
         """Send a held version's alert to the operator (this process claimed it) and record how

@@ -1867,6 +1867,13 @@ class TrainingService:
         held.recoveries_when_stored = at_store  # a lock from here on: spaced by its stops
         unscorable = None
         stops = scoring_stops(training, recoveries_when_stored=at_store)
+        if stops >= 2 * self.lease.max_attempts:
+            # Its judging without scores stopped as many times again (a lock on the verdict's
+            # rows that does not end, a worker that keeps dying there): ended now, with no
+            # write the judging needs, where it was tried every 15 min for ever.
+            self._end_unjudged(held, version, stops=stops,
+                               locked=training.metrics.get(LOCKED_AWAY_KEY) == training.attempt - 1)
+            return
         # A lock met now: the next attempt waits (spaced, a lock of minutes not spending them all).
         lock_gap = self.lease.scoring_lock_gap(stops)
         if scoring_exhausted(training, self.lease, recoveries_when_stored=at_store):
@@ -1937,6 +1944,35 @@ class TrainingService:
             self._likeness.deliver_alert(alert)
 
     # ------------------------------------------------------------------ endings
+    def _end_unjudged(self, held: _Held, version: Version, *, stops: int, locked: bool) -> None:
+        """End a training whose version's scoring and then its judging without scores were each
+        stopped ``max_attempts`` times (``stops`` in all): it succeeded (its version is stored),
+        the version kept, held if its row takes the write, never activated by the gate. The
+        training's end is written on its own row only (and the retraining log), so that a lock
+        on the version's or the model's row (``apply_verdict`` takes both FOR UPDATE) does not
+        keep it from ending; the version's hold is tried in its own transaction first."""
+        why = (f"its scoring was stopped {stops} times, the last time because the database was "
+               "busy (a lock)" if locked else f"the worker scoring it stopped {stops} times")
+        try:
+            with self._repo.atomic() as tx:
+                self._likeness.hold_unjudged(tx, version.id, why=why)
+        except StorageError as exc:
+            # Still pending (the gate never activates it once its training has ended): its
+            # owner can activate it, or compare it, on the Versions page as any version.
+            logger.warning("training %s: version %d could not be held back (%s); it stays "
+                           "undecided and is not activated", held.training_id, version.number,
+                           exc.message)
+        with self._holding(held) as (tx, current):
+            done = transition(current, TrainingStatus.SUCCEEDED, at=self._clock(),
+                              reason=f"version stored; not judged: {why}")
+            tx.save_training(done)
+            judged = tx.get_version(version.id) or version
+            tx.add_event(model_id=current.model_id, kind="training_succeeded",
+                         data=succeeded_event(done, judged, None))
+        self._ended(done)
+        logger.warning("training %s succeeded: version %d %s, not judged by the likeness gate: "
+                       "%s", held.training_id, judged.number, judged.gate_status, why)
+
     def _ended(self, t: Training, *, error_code: str | None = None) -> None:
         seconds = ((t.completed_at - t.started_at).total_seconds()
                    if t.completed_at is not None and t.started_at is not None else None)
@@ -2820,9 +2856,12 @@ class _Sink:
         return self._held.interrupted()
 
 
-def succeeded_event(training: Training, version: Version, verdict: GateVerdict) -> dict[str, Any]:
+def succeeded_event(training: Training, version: Version,
+                    verdict: GateVerdict | None) -> dict[str, Any]:
     """The retraining log's entry for a succeeded training: first training or retraining, what was
-    preserved, the version, the gate's decision and the before/after scores."""
+    preserved, the version, the gate's decision and the before/after scores (none without a
+    ``verdict``: a version the gate could not judge)."""
+    details = verdict.details if verdict is not None else {}
     return {
         "training_id": training.id,
         "kind": "retraining" if training.is_retraining else "first_training",
@@ -2833,8 +2872,7 @@ def succeeded_event(training: Training, version: Version, verdict: GateVerdict) 
         "preserved": training.preserved, "metrics": training.metrics,
         "attempts": training.attempt,
         "gate": {"status": str(version.gate_status), "reason": version.gate_reason},
-        "scores": {"before": verdict.details.get("before"),
-                   "after": verdict.details.get("after")},
+        "scores": {"before": details.get("before"), "after": details.get("after")},
     }
 
 
