@@ -498,3 +498,33 @@ def test_a_lock_on_the_gate_s_verdict_write_that_never_ends_ends_the_training(
         assert event["data"]["gate"]["status"] == str(version.gate_status), event
     finally:
         rig.services.close()
+
+
+def test_the_workers_note_of_a_lock_is_not_shown_with_the_trainer_s_figures(
+        rig: _Rig) -> None:
+    """The attempt that stepped away on a lock, noted on the training's metrics for the next
+    claim's line, is the workers' own: not copied into the version's likeness record (GET
+    /api/model/versions/{id}'s ``training``) nor the retraining log's ``training_succeeded``."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        rig.locks = 1
+        second = rig.train(3)
+        assert "stepped_away_on_lock" in second.metrics  # what the next claim reads
+        rig.clock.past(second)
+        rig.services.training.run(second.id)
+        done = rig.training(second.id)
+        assert done.status is TrainingStatus.SUCCEEDED, done.error
+        assert done.version_id is not None
+        record = rig.services.repo.get_likeness(done.version_id)
+        assert record is not None
+        shown = record.training.get("metrics")
+        assert shown, record.training
+        assert "stepped_away_on_lock" not in shown, shown
+        page = rig.services.likeness.log_page(user=rig.user, limit=5, before=None)
+        [event] = [e for e in page.events if e["kind"] == "training_succeeded"
+                   and e["data"]["training_id"] == done.id]
+        assert event["data"]["metrics"], event
+        assert "stepped_away_on_lock" not in event["data"]["metrics"], event
+    finally:
+        rig.services.close()

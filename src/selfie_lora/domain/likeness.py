@@ -710,6 +710,19 @@ def gate_cell(version: Version) -> str:
     return f"{version.gate_status}, activated anyway" if overridden else str(version.gate_status)
 
 
+# A key of ``Training.metrics`` the workers keep for themselves: the attempt that last stepped
+# away on a database lock (``TrainingService._step_away``), which the next claim's line names.
+LOCKED_AWAY_KEY = "stepped_away_on_lock"
+# The workers' own keys: not the trainer's figures, so never copied into what a version's record
+# (``training_figures``) or the retraining log (``succeeded_event``) shows its owner for good.
+BOOKKEEPING_METRIC_KEYS = frozenset({LOCKED_AWAY_KEY})
+
+
+def trainer_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` without the workers' own keys (``BOOKKEEPING_METRIC_KEYS``)."""
+    return {k: v for k, v in metrics.items() if k not in BOOKKEEPING_METRIC_KEYS}
+
+
 def training_figures(
     metrics: dict[str, Any], *, loss: float | None, steps: int, seconds: float | None,
     recipe: dict[str, Any] | None = None,
@@ -735,7 +748,7 @@ def training_figures(
         "cost": _opt_float(metrics.get("cost")),
         "recipe": recipe,
         "metrics": {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v)
-                    for k, v in metrics.items()},
+                    for k, v in trainer_metrics(metrics).items()},
     }
 
 

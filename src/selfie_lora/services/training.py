@@ -103,6 +103,7 @@ from selfie_lora.domain.lease import (
     wait_text,
     waited_for_room_since,
 )
+from selfie_lora.domain.likeness import LOCKED_AWAY_KEY, trainer_metrics
 from selfie_lora.domain.plan import (
     TrainingDefaults,
     TrainingPlan,
@@ -230,8 +231,6 @@ WEIGHTS_NOT_STORED = "the trained LoRA could not be stored"
 SCORING_UNREACHABLE = "its version could not be scored"
 # ... and one whose database kept its scoring waiting (a lock): the next attempt scores it.
 SCORING_LOCKED = f"its version could not be scored yet: {DATABASE_LOCKED}"
-# On a training's metrics: the attempt that last stepped away on a database lock.
-LOCKED_AWAY_KEY = "stepped_away_on_lock"
 LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
 # ... and one whose worker found a disk full: it waits for room, its attempts not spent. No
 # detail: the row's error is the user's (GET /api/training/progress, `selfie-lora train`), and
@@ -2869,7 +2868,7 @@ def succeeded_event(training: Training, version: Version,
         "weights_sha256": version.weights_sha256, "weights_method": version.weights_method,
         "remote_version": version.remote_version,
         "version_mismatch": version.version_mismatch,
-        "preserved": training.preserved, "metrics": training.metrics,
+        "preserved": training.preserved, "metrics": trainer_metrics(training.metrics),
         "attempts": training.attempt,
         "gate": {"status": str(version.gate_status), "reason": version.gate_reason},
         "scores": {"before": details.get("before"), "after": details.get("after")},
