@@ -878,6 +878,9 @@ def test_a_worker_that_keeps_dying_on_the_active_version_ends_the_training(
         max_attempts = rig.training.lease.max_attempts
         assert done.recoveries == training_deaths + max_attempts
         assert f"the worker scoring it stopped {max_attempts} times" in (v2.gate_reason or "")
+        # Its owner told where to compare it, not sent to an operator's command.
+        assert "on the Versions page" in (v2.gate_reason or ""), v2.gate_reason
+        assert "selfie-lora compare" not in (v2.gate_reason or ""), v2.gate_reason
         assert rig.model(ann).active_version_id == v1.id
     finally:
         rig.close()

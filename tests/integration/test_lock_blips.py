@@ -190,8 +190,9 @@ def test_a_lock_that_never_ends_while_a_version_is_scored_ends_after_its_attempt
         assert holds == [gaps[0], gaps[1], timedelta(0)], holds
         # Said as a lock, to the version's owner: no worker stopping, no operator's command.
         reason = version.gate_reason or ""
-        assert (f"its scoring was stopped {attempts} times, the last time by the database kept "
-                "busy (a lock)") in reason, reason
+        assert (f"its scoring was stopped {attempts} times, the last time because the database "
+                "was busy (a lock); you can compare it with the active version on the Versions "
+                "page") in reason, reason
         assert "selfie-lora compare" not in reason, reason
     finally:
         rig.services.close()

@@ -1877,18 +1877,19 @@ class TrainingService:
         lock_gap = self.lease.scoring_lock_gap(stops)
         if scoring_exhausted(training, self.lease, recoveries_when_stored=at_store):
             times = f"{stops} {'time' if stops == 1 else 'times'}"
+            # Its owner's words: who can compare it and where, not an operator's command (the
+            # log line names that); nothing scores it again by itself.
+            yours = "you can compare it with the active version on the Versions page"
             if training.metrics.get(LOCKED_AWAY_KEY) == training.attempt - 1:
                 # The attempt before this one stepped away on a lock: not a worker that stopped
-                # (the operator would look for a crash); the owner is not sent to an operator's
-                # command, the log line is.
-                unscorable = (f"its scoring was stopped {times}, the last time by the database "
-                              "kept busy (a lock); it can be compared later")
-                logger.warning("training %s: its version is judged without scores after %s "
-                               "(the last a database lock); compare it with 'selfie-lora "
-                               "compare'", held.training_id, times)
+                # (the operator would look for a crash).
+                unscorable = (f"its scoring was stopped {times}, the last time because the "
+                              f"database was busy (a lock); {yours}")
+                logger.warning("training %s: its version is judged without scores, its scoring "
+                               "stopped %s (the last time by a database lock); compare it with "
+                               "'selfie-lora compare'", held.training_id, times)
             else:
-                unscorable = (f"the worker scoring it stopped {times}; "
-                              "compare it yourself with 'selfie-lora compare'")
+                unscorable = f"the worker scoring it stopped {times}; {yours}"
         try:
             verdict = self._likeness.judge(training.version_id, checkpoint=held.checkpoint,
                                            unscorable=unscorable)
