@@ -7,6 +7,7 @@ restart."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import timedelta
 from pathlib import Path
@@ -527,5 +528,41 @@ def test_the_workers_note_of_a_lock_is_not_shown_with_the_trainer_s_figures(
                    and e["data"]["training_id"] == done.id]
         assert event["data"]["metrics"], event
         assert "stepped_away_on_lock" not in event["data"]["metrics"], event
+    finally:
+        rig.services.close()
+
+
+def test_a_judging_without_scores_whose_workers_keep_dying_ends_the_training(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bound for workers that die on the gate's verdict write (an OOM kill) rather than
+    a lock: the training ends, its version held and said as workers that stopped."""
+    def apply_verdict(service: LikenessService, tx: object, verdict: object) -> object:
+        raise SimulatedCrash("killed writing the verdict")
+
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        monkeypatch.setattr(LikenessService, "apply_verdict", apply_verdict)
+        with pytest.raises(SimulatedCrash):
+            rig.train(3)
+        [second] = [t for t in rig.services.repo.list_trainings(first.model_id)
+                    if t.id != first.id]
+        attempts = rig.services.training.lease.max_attempts
+        runs = 1
+        while not second.status.is_terminal and runs < 3 * attempts:
+            rig.clock.past(second)
+            with contextlib.suppress(SimulatedCrash):  # killed again, as the worker would be
+                rig.services.training.run(second.id)
+            second = rig.training(second.id)
+            runs += 1
+        assert second.status is TrainingStatus.SUCCEEDED, (runs, second.error)
+        assert runs == 2 * attempts + 1, runs
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD, version.gate_reason
+        reason = version.gate_reason or ""
+        assert f"the worker scoring it stopped {2 * attempts} times" in reason, reason
+        model = rig.services.repo.get_model(second.model_id)
+        assert model is not None
+        assert model.active_version_id == first.version_id
     finally:
         rig.services.close()
