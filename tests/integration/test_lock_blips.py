@@ -21,7 +21,12 @@ from selfie_lora.errors import DatabaseLockedError
 from selfie_lora.services.layout import reference_key
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import TrainingJob
-from selfie_lora.services.training import DATABASE_LOCKED, SCORING_LOCKED, TrainingService
+from selfie_lora.services.training import (
+    CANCELED_MESSAGE,
+    DATABASE_LOCKED,
+    SCORING_LOCKED,
+    TrainingService,
+)
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter, SimulatedCrash
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
@@ -498,6 +503,39 @@ def test_a_lock_on_the_gate_s_verdict_write_that_never_ends_ends_the_training(
         [event] = [e for e in page.events if e["kind"] == "training_succeeded"
                    and e["data"]["training_id"] == second.id]
         assert event["data"]["gate"]["status"] == str(version.gate_status), event
+    finally:
+        rig.services.close()
+
+
+def test_a_cancel_with_the_version_s_rows_locked_for_good_ends_the_training(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel asked of its worker while a lock that never ends sits on the version's rows
+    (the verdict's write and the cancel's hold both refused): the training ends canceled on its
+    own row, the version kept undecided, never activated. Before, each claim's cancel took the
+    hold in the training's own transaction, stepped away on the lock and was claimed again every
+    15 min for ever, its row saying the version was still being scored."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        _verdicts_locked(rig, monkeypatch)
+
+        def locked(service: LikenessService, tx: object, version_id: str,
+                   **kw: object) -> None:
+            raise DatabaseLockedError(LOCKED, lock=True)
+
+        monkeypatch.setattr(LikenessService, "hold_canceled", locked)
+        monkeypatch.setattr(LikenessService, "hold_unjudged", locked)
+        second = rig.train(3)
+        rig.services.repo.request_cancel(second.id)  # the user's cancel, asked of its worker
+        second, holds = _holds(rig, second, runs=20)
+        assert second.status is TrainingStatus.CANCELED, (holds, second.error)
+        assert second.error == CANCELED_MESSAGE, second.error
+        assert len(holds) == 1, holds
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.PENDING, version.gate_reason
+        model = rig.services.repo.get_model(second.model_id)
+        assert model is not None
+        assert model.active_version_id == first.version_id  # never activated
     finally:
         rig.services.close()
 

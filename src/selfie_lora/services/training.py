@@ -1953,15 +1953,7 @@ class TrainingService:
         keep it from ending; the version's hold is tried in its own transaction first."""
         why = (f"its scoring was stopped {stops} times, the last time because the database was "
                "busy (a lock)" if locked else f"the worker scoring it stopped {stops} times")
-        try:
-            with self._repo.atomic() as tx:
-                self._likeness.hold_unjudged(tx, version.id, why=why)
-        except StorageError as exc:
-            # Still pending (the gate never activates it once its training has ended): its
-            # owner can activate it, or compare it, on the Versions page as any version.
-            logger.warning("training %s: version %d could not be held back (%s); it stays "
-                           "undecided and is not activated", held.training_id, version.number,
-                           exc.message)
+        self._hold_apart(held, version.id, canceled=False, why=why)
         with self._holding(held) as (tx, current):
             done = transition(current, TrainingStatus.SUCCEEDED, at=self._clock(),
                               reason=f"version stored; not judged: {why}")
@@ -2003,19 +1995,46 @@ class TrainingService:
     def _finish_canceled(self, held: _Held, *, reason: str, remote_ended: bool = False) -> None:
         """End the held training as canceled, and then its remote run, unless the trainer ended
         that already (``remote_ended``: it raised the cancel after canceling the run, or the run
-        was canceled on the backend)."""
+        was canceled on the backend).
+
+        A stored version is held in its own transaction first, then the training's row is ended:
+        a lock on the version's or the model's row (the hold takes both FOR UPDATE, as the
+        gate's verdict write does) would otherwise refuse the cancel at each claim for ever, as
+        ``_end_unjudged`` is bounded for the same reason. A refused hold leaves it undecided."""
+        stored = self._repo.get_training(held.training_id)
+        tried = None if stored is None else stored.version_id
+        if tried is not None:
+            self._hold_apart(held, tried, canceled=True)
         with self._holding(held) as (tx, current):
-            canceled = self._cancel_in(tx, current, reason=reason, remote_ended=remote_ended)
+            canceled = self._cancel_in(tx, current, reason=reason, remote_ended=remote_ended,
+                                       hold=current.version_id != tried)
         # A cancel this worker found on the row (asked of an earlier attempt that handed the
         # training back) has a remote run nobody canceled: it would go on, billed, and add a
         # version to the destination that nothing records.
         if canceled is not None:
             self._cancel_remote(canceled)
 
+    def _hold_apart(self, held: _Held, version_id: str, *, canceled: bool,
+                    why: str = "") -> None:
+        """Hold a version back in its own transaction, before its training's row is ended on
+        its own: a refusal (a lock on its rows) is logged and leaves it undecided."""
+        try:
+            with self._repo.atomic() as tx:
+                if canceled:
+                    self._likeness.hold_canceled(tx, version_id)
+                else:
+                    self._likeness.hold_unjudged(tx, version_id, why=why)
+        except StorageError as exc:
+            # Still pending (the gate never activates it once its training has ended): its
+            # owner can activate it, or compare it, on the Versions page as any version.
+            logger.warning("training %s: its version could not be held back (%s); it stays "
+                           "undecided and is not activated", held.training_id, exc.message)
+
     def _cancel_in(self, tx: Repository, t: Training, *, reason: str,
-                   remote_ended: bool = False) -> Training | None:
-        """End ``t`` as canceled inside ``tx`` (its version, if it has one, is held back; its
-        remote run, unless ``remote_ended``, is marked to be canceled)."""
+                   remote_ended: bool = False, hold: bool = True) -> Training | None:
+        """End ``t`` as canceled inside ``tx`` (its version, if it has one, is held back unless
+        ``hold`` is False: held apart already; its remote run, unless ``remote_ended``, is marked
+        to be canceled)."""
         if t.status.is_terminal:
             return None
         canceled = dataclasses.replace(
@@ -2024,7 +2043,7 @@ class TrainingService:
             remote_cancel_pending=not remote_ended and _remote_run_to_cancel(t))
         tx.save_training(canceled)
         self._ended(canceled)
-        if t.version_id is not None:
+        if hold and t.version_id is not None:
             self._likeness.hold_canceled(tx, t.version_id)
         tx.add_event(model_id=t.model_id, kind="training_canceled",
                      data={"training_id": t.id, "reason": reason})
