@@ -346,6 +346,12 @@ def test_an_object_storage_outage_while_a_version_is_scored_is_waited_out_not_he
         assert record is not None
         assert record.status is LikenessStatus.SCORED, record.error
         assert not [a for a in alerter.sent if a.get("kind") == "not_scored"], alerter.sent
+        # The wait's note is the workers' own, not a figure of the trainer's shown for good.
+        assert "waits_for_storage" not in record.training.get("metrics", {}), record.training
+        page = services.likeness.log_page(user=user, limit=5, before=None)
+        [event] = [e for e in page.events if e["kind"] == "training_succeeded"
+                   and e["data"]["training_id"] == done.id]
+        assert "waits_for_storage" not in event["data"]["metrics"], event
     finally:
         services.close()
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Probe, Version
 from selfie_lora.domain.faces import SAME_PERSON_DISTANCE
+from selfie_lora.domain.lease import ROOM_WAIT_KEY, STORAGE_WAIT_KEY
 from selfie_lora.errors import ErrorCode, InvalidInputError
 
 Embedding = tuple[float, ...]
@@ -713,9 +714,10 @@ def gate_cell(version: Version) -> str:
 # A key of ``Training.metrics`` the workers keep for themselves: the attempt that last stepped
 # away on a database lock (``TrainingService._step_away``), which the next claim's line names.
 LOCKED_AWAY_KEY = "stepped_away_on_lock"
-# The workers' own keys: not the trainer's figures, so never copied into what a version's record
-# (``training_figures``) or the retraining log (``succeeded_event``) shows its owner for good.
-BOOKKEEPING_METRIC_KEYS = frozenset({LOCKED_AWAY_KEY})
+# The workers' own keys (that lock's, and the storage's and a full disk's waits, noted while
+# a version is scored too): not the trainer's figures, so never copied into what a version's
+# record (``training_figures``) or the retraining log (``succeeded_event``) shows its owner.
+BOOKKEEPING_METRIC_KEYS = frozenset({LOCKED_AWAY_KEY, STORAGE_WAIT_KEY, ROOM_WAIT_KEY})
 
 
 def trainer_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
