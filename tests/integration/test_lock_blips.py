@@ -507,6 +507,43 @@ def test_a_lock_on_the_gate_s_verdict_write_that_never_ends_ends_the_training(
         rig.services.close()
 
 
+def _canceled_kept(rig: _Rig, t: Training, holds: list[timedelta], *, first: Training,
+                   gate: GateStatus) -> None:
+    """``t`` ended canceled, its version kept (``gate``), the version before it still active."""
+    assert t.status is TrainingStatus.CANCELED, (holds, t.error)
+    assert t.error == CANCELED_MESSAGE, t.error
+    version = rig.version(t)
+    assert version.gate_status is gate, version.gate_reason
+    model = rig.services.repo.get_model(t.model_id)
+    assert model is not None
+    assert model.active_version_id == first.version_id  # never activated
+
+
+def test_a_cancel_asked_while_an_unjudged_version_is_held_ends_the_training_canceled(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's cancel committed while the judging without scores' end waits on its version's
+    hold: the training ends canceled, as the gate's own end does, not succeeded after the cancel
+    was answered as asked."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        _verdicts_locked(rig, monkeypatch)
+        hold = LikenessService.hold_unjudged
+        second = rig.train(3)
+
+        def hold_unjudged(service: LikenessService, tx: object, version_id: str,
+                          **kw: str) -> None:
+            tx.request_cancel(second.id)  # type: ignore[attr-defined]  # asked during its wait
+            hold(service, tx, version_id, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(LikenessService, "hold_unjudged", hold_unjudged)
+        attempts = rig.services.training.lease.max_attempts
+        second, holds = _holds(rig, second, runs=3 * attempts)
+        _canceled_kept(rig, second, holds, first=first, gate=GateStatus.HELD)
+    finally:
+        rig.services.close()
+
+
 def test_a_cancel_with_the_version_s_rows_locked_for_good_ends_the_training(
         rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cancel asked of its worker while a lock that never ends sits on the version's rows
@@ -528,14 +565,8 @@ def test_a_cancel_with_the_version_s_rows_locked_for_good_ends_the_training(
         second = rig.train(3)
         rig.services.repo.request_cancel(second.id)  # the user's cancel, asked of its worker
         second, holds = _holds(rig, second, runs=20)
-        assert second.status is TrainingStatus.CANCELED, (holds, second.error)
-        assert second.error == CANCELED_MESSAGE, second.error
         assert len(holds) == 1, holds
-        version = rig.version(second)
-        assert version.gate_status is GateStatus.PENDING, version.gate_reason
-        model = rig.services.repo.get_model(second.model_id)
-        assert model is not None
-        assert model.active_version_id == first.version_id  # never activated
+        _canceled_kept(rig, second, holds, first=first, gate=GateStatus.PENDING)
     finally:
         rig.services.close()
 

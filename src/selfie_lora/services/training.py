@@ -1955,6 +1955,12 @@ class TrainingService:
                "busy (a lock)" if locked else f"the worker scoring it stopped {stops} times")
         self._hold_apart(held, version.id, canceled=False, why=why)
         with self._holding(held) as (tx, current):
+            if current.cancel_requested:
+                # Asked while the hold waited (a lock's timeout): ended as asked, as the gate's
+                # own end does (its version held apart above, or left undecided).
+                self._cancel_in(tx, current, hold=False,
+                                reason="canceled while its version was judged")
+                return
             done = transition(current, TrainingStatus.SUCCEEDED, at=self._clock(),
                               reason=f"version stored; not judged: {why}")
             tx.save_training(done)
