@@ -507,6 +507,46 @@ def test_a_lock_on_the_gate_s_verdict_write_that_never_ends_ends_the_training(
         rig.services.close()
 
 
+@pytest.mark.parametrize("ending", ["unjudged", "canceled"])
+def test_a_version_its_ended_training_left_undecided_is_held_once_its_row_is_free(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
+    """A version whose hold was refused by a lock when its training ended (left pending: every
+    front then said it was still being scored, for good) is held by a later reconcile pass once
+    the lock is gone, with its owner's reason, and never activated."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        _verdicts_locked(rig, monkeypatch)
+        with monkeypatch.context() as m:
+            def locked(service: LikenessService, tx: object, version_id: str,
+                       **kw: object) -> None:
+                raise DatabaseLockedError(LOCKED, lock=True)
+
+            m.setattr(LikenessService, "hold_canceled", locked)
+            m.setattr(LikenessService, "hold_unjudged", locked)
+            second = rig.train(3)
+            if ending == "canceled":
+                rig.services.repo.request_cancel(second.id)
+            attempts = rig.services.training.lease.max_attempts
+            second, holds = _holds(rig, second, runs=3 * attempts)
+            assert second.status.is_terminal, (holds, second.error)
+            assert rig.version(second).gate_status is GateStatus.PENDING
+            rig.services.training.reconcile()  # still locked: left as it is
+            assert rig.version(second).gate_status is GateStatus.PENDING
+        rig.services.training.reconcile()  # the lock is gone
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD, version.gate_reason
+        reason = version.gate_reason or ""
+        words = "was canceled" if ending == "canceled" else "could not judge version"
+        assert words in reason, reason
+        assert "selfie-lora" not in reason, reason
+        model = rig.services.repo.get_model(second.model_id)
+        assert model is not None
+        assert model.active_version_id == first.version_id  # never activated
+    finally:
+        rig.services.close()
+
+
 def _canceled_kept(rig: _Rig, t: Training, holds: list[timedelta], *, first: Training,
                    gate: GateStatus) -> None:
     """``t`` ended canceled, its version kept (``gate``), the version before it still active."""

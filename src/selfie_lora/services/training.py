@@ -348,6 +348,13 @@ class NextPin(PinFacts):
     model: Model
 
 
+# Why a version left undecided by its ended training (a lock refused its hold) is held by a
+# later reconcile pass (``UNJUDGED_REASON``'s {why}, its owner's words), and how many a pass
+# holds at most (the rest wait for the next).
+LEFT_UNDECIDED = "its training ended before the gate could decide"
+_UNDECIDED_BATCH = 50
+
+
 @dataclass(frozen=True)
 class ReconcileReport:
     enqueued: tuple[str, ...] = ()
@@ -1066,6 +1073,9 @@ class TrainingService:
             with _reconcile_part(failures, "sending the alerts that are due"):
                 # The alerts of held versions whose sender died, or whose delivery is due again.
                 alerts_tried = self._likeness.deliver_due_alerts()
+        if not _unanswered(failures, skipping="holding back the versions left undecided"):
+            with _reconcile_part(failures, "holding back the versions left undecided"):
+                self._hold_left_undecided()
         remote_cancels = 0
         if not _unanswered(failures, skipping="asking again for the remote cancels owed"):
             with _reconcile_part(failures, "asking again for the remote cancels owed"):
@@ -1075,6 +1085,25 @@ class TrainingService:
             raise failures[0]
         return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
                                alerts_tried=alerts_tried, remote_cancels_tried=remote_cancels)
+
+    def _hold_left_undecided(self) -> None:
+        """Hold back the versions whose hold a lock refused when their training ended (left
+        pending, ``_hold_apart``): nothing else decides them, and every front would say they are
+        still being scored. One still locked waits for the next pass."""
+        for version, t in self._repo.undecided_versions_of_ended_trainings(limit=_UNDECIDED_BATCH):
+            try:
+                with self._repo.atomic() as tx:
+                    if t.status is TrainingStatus.CANCELED:
+                        self._likeness.hold_canceled(tx, version.id)
+                    else:
+                        self._likeness.hold_unjudged(tx, version.id, why=LEFT_UNDECIDED)
+            except DatabaseLockedError as exc:
+                logger.info("reconcile: version %d of training %s still could not be held back "
+                            "(%s); the next round tries again", version.number, t.id,
+                            exc.message)
+                continue
+            logger.info("reconcile: version %d of ended training %s held back", version.number,
+                        t.id)
 
     def _recover_trainings(self, *, dead_owners: Sequence[str], enqueued: list[str],
                            canceled: list[str], unreachable: set[str]) -> None:

@@ -1135,6 +1135,17 @@ class SqlRepository:
             ).all()
             return [_training(r) for r in rows]
 
+    def undecided_versions_of_ended_trainings(
+            self, *, limit: int) -> Sequence[tuple[Version, Training]]:
+        with self._read() as s:
+            rows = s.execute(
+                select(VersionRow, TrainingRow)
+                .join(TrainingRow, TrainingRow.id == VersionRow.training_id)
+                .where(VersionRow.gate_status == str(GateStatus.PENDING),
+                       TrainingRow.status.not_in([str(x) for x in ACTIVE_STATUSES]))
+                .order_by(VersionRow.created_at, VersionRow.id).limit(limit)).all()
+            return [(_version(v), _training(t)) for v, t in rows]
+
     def remote_cancels_pending(self) -> Sequence[Training]:
         with self._read() as s:
             rows = s.scalars(select(TrainingRow).where(TrainingRow.remote_cancel_pending)
