@@ -547,6 +547,31 @@ def test_a_version_its_ended_training_left_undecided_is_held_once_its_row_is_fre
         rig.services.close()
 
 
+def test_a_user_s_cancel_with_the_version_s_rows_locked_is_not_refused(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's cancel of a training nobody holds, its stored version's rows locked: ended
+    canceled on its own row (the version's hold tried apart, then by the reconcile pass), where
+    the lock refused the user's cancel itself."""
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        _verdicts_locked(rig, monkeypatch)
+        second = rig.train(3)  # stepped away on the verdict's lock, its version stored
+        with monkeypatch.context() as m:
+            def locked(service: LikenessService, tx: object, version_id: str) -> None:
+                raise DatabaseLockedError(LOCKED, lock=True)
+
+            m.setattr(LikenessService, "hold_canceled", locked)
+            outcome = rig.services.training.cancel_with_outcome(user=rig.user,
+                                                                training_id=second.id)
+        assert not outcome.already_ended
+        _canceled_kept(rig, rig.training(second.id), [], first=first, gate=GateStatus.PENDING)
+        rig.services.training.reconcile()
+        assert rig.version(second).gate_status is GateStatus.HELD
+    finally:
+        rig.services.close()
+
+
 def _canceled_kept(rig: _Rig, t: Training, holds: list[timedelta], *, first: Training,
                    gate: GateStatus) -> None:
     """``t`` ended canceled, its version kept (``gate``), the version before it still active."""

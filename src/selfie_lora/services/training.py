@@ -833,7 +833,13 @@ class TrainingService:
             if not ended_before:
                 tx.request_cancel(current.id)
                 if holder_is_silent(current, self._clock(), self.lease):
-                    canceled = self._cancel_in(tx, current, reason="canceled by its user")
+                    # Its version held apart below: a lock on the version's or the model's row
+                    # would refuse the user's cancel itself (a refused hold is left to the
+                    # reconcile pass, ``_hold_left_undecided``).
+                    canceled = self._cancel_in(tx, current, reason="canceled by its user",
+                                               hold=False)
+        if canceled is not None and canceled.version_id is not None:
+            self._hold_apart(canceled.id, canceled.version_id, canceled=True)
         if canceled is not None:
             self._cancel_remote(canceled)
         else:
@@ -1982,7 +1988,7 @@ class TrainingService:
         keep it from ending; the version's hold is tried in its own transaction first."""
         why = (f"its scoring was stopped {stops} times, the last time because the database was "
                "busy (a lock)" if locked else f"the worker scoring it stopped {stops} times")
-        self._hold_apart(held, version.id, canceled=False, why=why)
+        self._hold_apart(held.training_id, version.id, canceled=False, why=why)
         with self._holding(held) as (tx, current):
             if current.cancel_requested:
                 # Asked while the hold waited (a lock's timeout): ended as asked, as the gate's
@@ -2039,7 +2045,7 @@ class TrainingService:
         stored = self._repo.get_training(held.training_id)
         tried = None if stored is None else stored.version_id
         if tried is not None:
-            self._hold_apart(held, tried, canceled=True)
+            self._hold_apart(held.training_id, tried, canceled=True)
         with self._holding(held) as (tx, current):
             canceled = self._cancel_in(tx, current, reason=reason, remote_ended=remote_ended,
                                        hold=current.version_id != tried)
@@ -2049,7 +2055,7 @@ class TrainingService:
         if canceled is not None:
             self._cancel_remote(canceled)
 
-    def _hold_apart(self, held: _Held, version_id: str, *, canceled: bool,
+    def _hold_apart(self, training_id: str, version_id: str, *, canceled: bool,
                     why: str = "") -> None:
         """Hold a version back in its own transaction, before its training's row is ended on
         its own: a refusal (a lock on its rows) is logged and leaves it undecided."""
@@ -2063,7 +2069,7 @@ class TrainingService:
             # Still pending (the gate never activates it once its training has ended): its
             # owner can activate it, or compare it, on the Versions page as any version.
             logger.warning("training %s: its version could not be held back (%s); it stays "
-                           "undecided and is not activated", held.training_id, exc.message)
+                           "undecided and is not activated", training_id, exc.message)
 
     def _cancel_in(self, tx: Repository, t: Training, *, reason: str,
                    remote_ended: bool = False, hold: bool = True) -> Training | None:
