@@ -500,7 +500,11 @@ class Retraining(RuleBasedStateMachine):
             self.replaced[chosen.id] = model.active_version_id
         logged = [e for e in self.repo.list_events(model.id) if e["kind"] == "version_activated"]
         self.models.activate(user=self.user, version_id=chosen.id)
-        self.activations += 1
+        if chosen.id != model.active_version_id:
+            # Only a change is a choice the gate keeps (the service counts the activations it
+            # logged): the version already active chosen again changes and logs nothing, so a
+            # version stored before it and passing later still takes over as it would have.
+            self.activations += 1
         self.expected_active = chosen.id
         activated = [e for e in self.repo.list_events(model.id) if e["kind"] == "version_activated"]
         if chosen.id == model.active_version_id:
