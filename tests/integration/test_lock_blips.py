@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -553,23 +555,79 @@ def test_a_user_s_cancel_with_the_version_s_rows_locked_is_not_refused(
     canceled on its own row (the version's hold tried apart, then by the reconcile pass), where
     the lock refused the user's cancel itself."""
     try:
-        first = rig.train(0)
-        assert first.status is TrainingStatus.SUCCEEDED, first.error
-        _verdicts_locked(rig, monkeypatch)
-        second = rig.train(3)  # stepped away on the verdict's lock, its version stored
-        with monkeypatch.context() as m:
-            def locked(service: LikenessService, tx: object, version_id: str) -> None:
-                raise DatabaseLockedError(LOCKED, lock=True)
-
-            m.setattr(LikenessService, "hold_canceled", locked)
-            outcome = rig.services.training.cancel_with_outcome(user=rig.user,
-                                                                training_id=second.id)
-        assert not outcome.already_ended
+        first, second, already_ended = _canceled_with_the_hold_locked(rig, monkeypatch)
+        assert not already_ended
         _canceled_kept(rig, rig.training(second.id), [], first=first, gate=GateStatus.PENDING)
         rig.services.training.reconcile()
-        assert rig.version(second).gate_status is GateStatus.HELD
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD
+        assert "was canceled" in (version.gate_reason or ""), version.gate_reason
     finally:
         rig.services.close()
+
+
+def test_the_reconcile_pass_does_not_wait_out_the_lock_on_a_version_left_undecided(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock that left a version undecided is still held (another connection's write
+    transaction): the reconcile pass's hold waits for it a moment only, after the owed remote
+    cancels, and the next pass holds the version once the lock is gone. Before, each pass waited
+    out the database's whole wait (SQLite's busy timeout, 30 s; PostgreSQL's statement timeout)
+    for every such version, the owed remote cancels behind it."""
+    try:
+        _, second, _ = _canceled_with_the_hold_locked(rig, monkeypatch)
+        assert rig.version(second).gate_status is GateStatus.PENDING
+        parts: list[str] = []
+        remotes = TrainingService._cancel_pending_remotes
+        holds = TrainingService._hold_left_undecided
+
+        def cancel_pending_remotes(service: TrainingService, **kw: set[str]) -> int:
+            parts.append("remote cancels")
+            return remotes(service, **kw)
+
+        def hold_left_undecided(service: TrainingService) -> None:
+            parts.append("holds")
+            holds(service)
+
+        monkeypatch.setattr(TrainingService, "_cancel_pending_remotes", cancel_pending_remotes)
+        monkeypatch.setattr(TrainingService, "_hold_left_undecided", hold_left_undecided)
+        path = rig.services.repo.engine.url.database
+        assert path is not None
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another's write transaction: the lock
+            started = time.monotonic()
+            rig.services.training.reconcile()
+            took = time.monotonic() - started
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert took < 10, took  # the whole wait was 30 s
+        assert parts == ["remote cancels", "holds"], parts
+        assert rig.version(second).gate_status is GateStatus.PENDING
+        rig.services.training.reconcile()  # the lock is gone
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD, version.gate_reason
+        assert "was canceled" in (version.gate_reason or ""), version.gate_reason
+    finally:
+        rig.services.close()
+
+
+def _canceled_with_the_hold_locked(rig: _Rig, monkeypatch: pytest.MonkeyPatch
+                                   ) -> tuple[Training, Training, bool]:
+    """A first training succeeded, a second stepped away on the verdict's lock with its version
+    stored, then canceled by its user while its version's hold is refused by a lock: the two,
+    and whether the cancel was answered "already ended"."""
+    first = rig.train(0)
+    assert first.status is TrainingStatus.SUCCEEDED, first.error
+    _verdicts_locked(rig, monkeypatch)
+    second = rig.train(3)
+    with monkeypatch.context() as m:
+        def locked(service: LikenessService, tx: object, version_id: str) -> bool:
+            raise DatabaseLockedError(LOCKED, lock=True)
+
+        m.setattr(LikenessService, "hold_canceled", locked)
+        outcome = rig.services.training.cancel_with_outcome(user=rig.user, training_id=second.id)
+    return first, second, outcome.already_ended
 
 
 def _canceled_kept(rig: _Rig, t: Training, holds: list[timedelta], *, first: Training,

@@ -572,33 +572,36 @@ class LikenessService:
                            current.number, current.model_id, reason)
         return claimed
 
-    def hold_canceled(self, tx: Repository, version_id: str) -> None:
+    def hold_canceled(self, tx: Repository, version_id: str) -> bool:
         """Inside the caller's transaction: the version of a training its user canceled before
         the gate decided is kept, held, never activated by the gate (one its user activated
-        meanwhile stays active, and its reason says so)."""
-        self._hold_undecided(tx, version_id, reason=CANCELED_REASON, mark="canceled")
+        meanwhile stays active, and its reason says so). Whether it was held (not when it was
+        decided already, or is gone)."""
+        return self._hold_undecided(tx, version_id, reason=CANCELED_REASON, mark="canceled")
 
-    def hold_unjudged(self, tx: Repository, version_id: str, *, why: str) -> None:
+    def hold_unjudged(self, tx: Repository, version_id: str, *, why: str) -> bool:
         """Inside the caller's transaction: a version the gate could not judge (``why``, its
-        owner's words) is kept, held, never activated by the gate, as a canceled one is."""
-        self._hold_undecided(tx, version_id, reason=UNJUDGED_REASON.replace("{why}", why),
+        owner's words) is kept, held, never activated by the gate, as a canceled one is (whether
+        it was, as ``hold_canceled``)."""
+        return self._hold_undecided(tx, version_id, reason=UNJUDGED_REASON.replace("{why}", why),
                              mark="unjudged")
 
     def _hold_undecided(self, tx: Repository, version_id: str, *, reason: str,
-                        mark: str) -> None:
+                        mark: str) -> bool:
         found = tx.get_version(version_id)
         locked = None if found is None else _lock_model_and_version(tx, found.model_id, version_id)
         if locked is None:
-            return
+            return False
         model, current = locked
         if current.gate_status is not GateStatus.PENDING:
-            return
+            return False
         reason = reason.replace("{number}", str(current.number))
         if model.active_version_id == current.id:
             reason = held_but_user_activated(reason)  # activated by its user meanwhile: it stays
         tx.set_version_gate(current.id, status=GateStatus.HELD, reason=reason,
                             details={**current.gate_details, "decided_at": utcnow().isoformat(),
                                      mark: True})
+        return True
 
     def deliver_alert(self, claimed: alerts.ClaimedAlert) -> bool:
         """Send a held version's alert to the operator (this process claimed it) and record how

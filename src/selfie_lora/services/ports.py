@@ -474,6 +474,10 @@ class Repository(Protocol):
     """Rows of the service. Each call is its own transaction unless made inside ``atomic()``."""
 
     def atomic(self) -> AbstractContextManager[Repository]: ...
+    def atomic_briefly(self) -> AbstractContextManager[Repository]:
+        """``atomic()``, a lock held elsewhere waited for a moment only (``DatabaseLockedError``
+        past it), for a write that something else tries again later."""
+        ...
 
     # users
     def add_user(self, user: User) -> None: ...

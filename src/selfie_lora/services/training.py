@@ -1079,14 +1079,16 @@ class TrainingService:
             with _reconcile_part(failures, "sending the alerts that are due"):
                 # The alerts of held versions whose sender died, or whose delivery is due again.
                 alerts_tried = self._likeness.deliver_due_alerts()
-        if not _unanswered(failures, skipping="holding back the versions left undecided"):
-            with _reconcile_part(failures, "holding back the versions left undecided"):
-                self._hold_left_undecided()
         remote_cancels = 0
         if not _unanswered(failures, skipping="asking again for the remote cancels owed"):
             with _reconcile_part(failures, "asking again for the remote cancels owed"):
                 # The remote runs of ended trainings whose cancel did not get through.
                 remote_cancels = self._cancel_pending_remotes(unreachable=unreachable)
+        # Last: the lock that left these versions undecided may still be held (briefly waited
+        # for, but billed remote runs and dead workers' trainings come first).
+        if not _unanswered(failures, skipping="holding back the versions left undecided"):
+            with _reconcile_part(failures, "holding back the versions left undecided"):
+                self._hold_left_undecided()
         if failures:
             raise failures[0]
         return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
@@ -1095,21 +1097,24 @@ class TrainingService:
     def _hold_left_undecided(self) -> None:
         """Hold back the versions whose hold a lock refused when their training ended (left
         pending, ``_hold_apart``): nothing else decides them, and every front would say they are
-        still being scored. One still locked waits for the next pass."""
+        still being scored. The lock that left them so may last: each hold waits for it a moment
+        only (``atomic_briefly``), and the first one still locked ends the part until the next
+        pass (the others likely wait on the same lock: each would cost the pass its wait)."""
         for version, t in self._repo.undecided_versions_of_ended_trainings(limit=_UNDECIDED_BATCH):
             try:
-                with self._repo.atomic() as tx:
+                with self._repo.atomic_briefly() as tx:
                     if t.status is TrainingStatus.CANCELED:
-                        self._likeness.hold_canceled(tx, version.id)
+                        held = self._likeness.hold_canceled(tx, version.id)
                     else:
-                        self._likeness.hold_unjudged(tx, version.id, why=LEFT_UNDECIDED)
+                        held = self._likeness.hold_unjudged(tx, version.id, why=LEFT_UNDECIDED)
             except DatabaseLockedError as exc:
                 logger.info("reconcile: version %d of training %s still could not be held back "
                             "(%s); the next round tries again", version.number, t.id,
                             exc.message)
-                continue
-            logger.info("reconcile: version %d of ended training %s held back", version.number,
-                        t.id)
+                return
+            if held:  # not when it was decided meanwhile, or its model is gone
+                logger.info("reconcile: version %d of ended training %s held back",
+                            version.number, t.id)
 
     def _recover_trainings(self, *, dead_owners: Sequence[str], enqueued: list[str],
                            canceled: list[str], unreachable: set[str]) -> None:
@@ -2058,9 +2063,11 @@ class TrainingService:
     def _hold_apart(self, training_id: str, version_id: str, *, canceled: bool,
                     why: str = "") -> None:
         """Hold a version back in its own transaction, before its training's row is ended on
-        its own: a refusal (a lock on its rows) is logged and leaves it undecided."""
+        its own: a refusal (a lock on its rows, waited for a moment only: the reconcile pass
+        tries it again, and a user's cancel must not wait out a lock's timeout) is logged and
+        leaves it undecided."""
         try:
-            with self._repo.atomic() as tx:
+            with self._repo.atomic_briefly() as tx:
                 if canceled:
                     self._likeness.hold_canceled(tx, version_id)
                 else:

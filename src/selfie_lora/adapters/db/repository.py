@@ -227,13 +227,23 @@ def _make_engine(url: str, *, statement_timeout_s: float | None,
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cur.close()
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            if not conn.get_execution_options().get(READ_ONLY, False):
+            if conn.get_execution_options().get(READ_ONLY, False):
+                return
+            if not _brief_waits():
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            # The write lock is taken here, once: the statements after it wait for nothing more
+            # (WAL), so the connection's usual wait comes back as soon as it is held.
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={BRIEF_LOCK_WAIT_MS}")
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            finally:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
         return engine
     parsed = make_url(url)
@@ -255,6 +265,12 @@ def _make_engine(url: str, *, statement_timeout_s: float | None,
     @event.listens_for(engine, "do_connect")
     def _bounded_connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
         return postgres.connect(*cargs, answer_timeout=answer_s, **cparams)
+
+    @event.listens_for(engine, "begin")
+    def _brief_begin(conn: Any) -> None:
+        if _brief_waits():
+            # This transaction's own (SET LOCAL): the pool's connection keeps no trace of it.
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {BRIEF_LOCK_WAIT_MS}")
 
     @event.listens_for(engine, "checkout")
     def _ping(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
@@ -460,6 +476,18 @@ def _resumes(training_id: str | InstrumentedAttribute[str]) -> ColumnElement[boo
 _held = threading.local()
 
 
+# SQLite's wait for its write lock, held by another connection (``DatabaseLockedError`` past it).
+SQLITE_BUSY_TIMEOUT_MS = 30000
+# A lock's wait in ``atomic_briefly()`` (SQLite's busy timeout, PostgreSQL's lock_timeout): long
+# enough for another's ordinary write, short of a lock held for long (that one is refused).
+BRIEF_LOCK_WAIT_MS = 1000
+
+
+def _brief_waits() -> bool:
+    """Whether this thread's transaction is one of ``atomic_briefly()``."""
+    return bool(getattr(_held, "brief", False))
+
+
 def _held_engines() -> set[int]:
     engines: set[int] | None = getattr(_held, "engines", None)
     if engines is None:
@@ -533,6 +561,21 @@ class SqlRepository:
                 yield SqlRepository(self._engine, _session=session)
         finally:
             held.discard(key)
+
+    @contextmanager
+    def atomic_briefly(self) -> Iterator[SqlRepository]:
+        """``atomic()``, its locks waited for ``BRIEF_LOCK_WAIT_MS`` at most, not the database's
+        usual wait (SQLite's busy timeout, PostgreSQL's statement timeout): a lock held longer
+        raises ``DatabaseLockedError`` then. Inside ``atomic()``: that transaction, as it is."""
+        if self._session is not None:
+            yield self
+            return
+        _held.brief = True
+        try:
+            with self.atomic() as tx:
+                yield tx
+        finally:
+            _held.brief = False
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
