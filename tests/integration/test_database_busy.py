@@ -6,6 +6,7 @@ load balancers and clients take for a failure, not for "busy, send it again"."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,32 @@ def test_a_lock_held_past_its_wait_is_busy_but_not_the_pool() -> None:
     # database's timeout", for SQLite's busy timeout and 55P03's lock too).
     assert refusal_kind(locked) == "statements kept waiting by a lock or past the database's timeout"
     assert not _database_outage(locked)
+
+
+def test_a_brief_transaction_is_refused_by_a_lock_in_a_moment_and_its_connection_waits_again(
+        tmp_path: Path) -> None:
+    # atomic_briefly: the reconcile pass's holds of versions left undecided, a cancel's hold.
+    # Before it they waited out SQLite's whole busy timeout (30 s) for a lock held elsewhere.
+    from selfie_lora.adapters.db.repository import SQLITE_BUSY_TIMEOUT_MS
+    from selfie_lora.wiring import build_services
+
+    services = build_services(make_settings(tmp_path))
+    try:
+        services.engine.dispose()  # one connection from here: the one the brief wait used
+        holder = sqlite3.connect(str(services.engine.url.database), isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            with pytest.raises(DatabaseLockedError) as raised, \
+                    services.repo.atomic_briefly() as tx:
+                tx.get_user("nobody")
+            took = time.monotonic() - started
+        finally:
+            holder.close()
+        assert raised.value.lock
+        assert took < 10, took
+        with services.engine.connect() as conn:
+            waits = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        assert waits == SQLITE_BUSY_TIMEOUT_MS  # the usual wait is back for the next one
+    finally:
+        services.close()
