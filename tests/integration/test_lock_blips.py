@@ -575,7 +575,23 @@ def test_the_reconcile_pass_does_not_wait_out_the_lock_on_a_version_left_undecid
     for every such version, the owed remote cancels behind it."""
     try:
         _, second, _ = _canceled_with_the_hold_locked(rig, monkeypatch)
+        third = rig.train(6)  # a second version left undecided the same way
+        with monkeypatch.context() as m:
+            def locked(service: LikenessService, tx: object, version_id: str) -> bool:
+                raise DatabaseLockedError(LOCKED, lock=True)
+
+            m.setattr(LikenessService, "hold_canceled", locked)
+            rig.services.training.cancel_with_outcome(user=rig.user, training_id=third.id)
         assert rig.version(second).gate_status is GateStatus.PENDING
+        assert rig.version(third).gate_status is GateStatus.PENDING
+        tried: list[int] = []
+        briefly = SqlRepository.atomic_briefly
+
+        def atomic_briefly(repo: SqlRepository) -> contextlib.AbstractContextManager[object]:
+            tried.append(1)
+            return briefly(repo)
+
+        monkeypatch.setattr(SqlRepository, "atomic_briefly", atomic_briefly)
         parts: list[str] = []
         remotes = TrainingService._cancel_pending_remotes
         holds = TrainingService._hold_left_undecided
@@ -603,11 +619,14 @@ def test_the_reconcile_pass_does_not_wait_out_the_lock_on_a_version_left_undecid
             other.close()
         assert took < 10, took  # the whole wait was 30 s
         assert parts == ["remote cancels", "holds"], parts
+        assert len(tried) == 1, tried  # stopped at the first still locked
         assert rig.version(second).gate_status is GateStatus.PENDING
+        assert rig.version(third).gate_status is GateStatus.PENDING
         rig.services.training.reconcile()  # the lock is gone
-        version = rig.version(second)
-        assert version.gate_status is GateStatus.HELD, version.gate_reason
-        assert "was canceled" in (version.gate_reason or ""), version.gate_reason
+        for t in (second, third):
+            version = rig.version(t)
+            assert version.gate_status is GateStatus.HELD, version.gate_reason
+            assert "was canceled" in (version.gate_reason or ""), version.gate_reason
     finally:
         rig.services.close()
 
