@@ -151,3 +151,35 @@ def test_a_brief_transaction_is_refused_by_a_lock_in_a_moment_and_its_connection
         assert waits == SQLITE_BUSY_TIMEOUT_MS  # the usual wait is back for the next one
     finally:
         services.close()
+
+
+@pytest.mark.postgres
+def test_a_brief_transaction_on_postgresql_is_refused_by_a_lock_in_a_moment(
+        tmp_path: Path) -> None:
+    # PostgreSQL's side of atomic_briefly: the transaction's own lock_timeout (SET LOCAL in the
+    # engine's begin event), where the pool's connections keep the database's usual waits.
+    import psycopg
+
+    from tests.conftest import fake_services_on
+    from tests.support.backends import database_url
+
+    url = database_url("postgres", tmp_path)
+    services = fake_services_on("postgres", tmp_path)
+    try:
+        holder = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+        try:
+            holder.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")  # held: no commit
+            started = time.monotonic()
+            with pytest.raises(DatabaseLockedError) as raised, \
+                    services.repo.atomic_briefly() as tx:
+                tx.get_user("nobody")
+            took = time.monotonic() - started
+        finally:
+            holder.close()
+        assert raised.value.lock  # 55P03, the lock_timeout: a lock alone
+        assert took < 10, took
+        with services.engine.connect() as conn:  # the next transaction waits as usual again
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "0"
+        assert services.repo.get_user("nobody") is None
+    finally:
+        services.close()
