@@ -777,3 +777,39 @@ def test_a_judging_without_scores_whose_workers_keep_dying_ends_the_training(
         assert model.active_version_id == first.version_id
     finally:
         rig.services.close()
+
+
+def test_the_reconciler_s_cancel_with_the_version_s_rows_locked_ends_the_training(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its user asked to cancel, its worker is gone, and its stored version's rows are locked:
+    the reconciler ends it canceled on its own row (the version's hold tried apart, then by a
+    later pass), where the lock failed that part of every pass while it lasted (the training
+    left processing, the trainings after it in the pass neither queued again nor canceled)."""
+    import dataclasses
+
+    try:
+        first = rig.train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        _verdicts_locked(rig, monkeypatch)
+        second = rig.train(3)
+        t = rig.training(second.id)
+        assert not t.status.is_terminal, t
+        assert t.version_id is not None, t
+        gone = rig.clock.now() - timedelta(hours=1)  # a holder silent for an hour
+        rig.services.repo.save_training(dataclasses.replace(
+            t, lease_owner="gone-worker", heartbeat_at=gone, lease_expires_at=gone))
+        rig.services.repo.request_cancel(t.id)  # asked while it was held: the holder ends it
+        with monkeypatch.context() as m:
+            def locked(service: LikenessService, tx: object, version_id: str) -> bool:
+                raise DatabaseLockedError(LOCKED, lock=True)
+
+            m.setattr(LikenessService, "hold_canceled", locked)
+            report = rig.services.training.reconcile()
+        assert second.id in report.canceled
+        _canceled_kept(rig, rig.training(second.id), [], first=first, gate=GateStatus.PENDING)
+        rig.services.training.reconcile()  # the lock gone: the pass holds it
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD
+        assert "was canceled" in (version.gate_reason or ""), version.gate_reason
+    finally:
+        rig.services.close()

@@ -1184,13 +1184,20 @@ class TrainingService:
                                 "again", t.id, t.status, t.attempt)
                     enqueued.append(t.id)
                 elif action is Recovery.CANCEL:
+                    # Ended on its own row, its version (if stored) held apart after: a lock on
+                    # the version's or the model's rows failed this part of every pass while it
+                    # lasted (the training left processing, those after it neither queued nor
+                    # canceled). One left undecided is held by this pass's last part, or later.
                     with self._repo.atomic() as tx:
                         current = tx.get_training(t.id, for_update=True)
                         done = (self._cancel_in(tx, current, reason="canceled by its user; its "
-                                                "worker was gone") if current is not None and
+                                                "worker was gone", hold=False)
+                                if current is not None and
                                 recovery_action(current, now=self._clock(), queued_ids=(),
                                                 policy=self.lease) is Recovery.CANCEL
                                 else None)
+                    if done is not None and done.version_id is not None:
+                        self._hold_apart(t.id, done.version_id, canceled=True)
                     if done is not None:
                         # A hang raised here skips the append: the pass's report is dropped when
                         # it raises, so the cancel, committed above, goes unreported only.
@@ -2062,8 +2069,8 @@ class TrainingService:
 
     def _hold_apart(self, training_id: str, version_id: str, *, canceled: bool,
                     why: str = "") -> None:
-        """Hold a version back in its own transaction, before its training's row is ended on
-        its own: a refusal (a lock on its rows, waited for a moment only: the reconcile pass
+        """Hold a version back in its own transaction, beside its training's row ended on its
+        own (before it or after): a refusal (a lock on its rows, waited for a moment only: the reconcile pass
         tries it again, and a user's cancel must not wait out a lock's timeout) is logged and
         leaves it undecided."""
         try:
