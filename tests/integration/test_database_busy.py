@@ -124,6 +124,15 @@ def test_a_lock_held_past_its_wait_is_busy_but_not_the_pool() -> None:
     assert not _database_outage(locked)
 
 
+def _briefly_refused(services: Any) -> tuple[DatabaseLockedError, float]:
+    """A read in ``atomic_briefly()`` while another connection holds the lock: the error it
+    raised (it must) and how long it took."""
+    started = time.monotonic()
+    with pytest.raises(DatabaseLockedError) as raised, services.repo.atomic_briefly() as tx:
+        tx.get_user("nobody")
+    return raised.value, time.monotonic() - started
+
+
 def test_a_brief_transaction_is_refused_by_a_lock_in_a_moment_and_its_connection_waits_again(
         tmp_path: Path) -> None:
     # atomic_briefly: the reconcile pass's holds of versions left undecided, a cancel's hold.
@@ -137,14 +146,10 @@ def test_a_brief_transaction_is_refused_by_a_lock_in_a_moment_and_its_connection
         holder = sqlite3.connect(str(services.engine.url.database), isolation_level=None)
         try:
             holder.execute("BEGIN IMMEDIATE")
-            started = time.monotonic()
-            with pytest.raises(DatabaseLockedError) as raised, \
-                    services.repo.atomic_briefly() as tx:
-                tx.get_user("nobody")
-            took = time.monotonic() - started
+            raised, took = _briefly_refused(services)
         finally:
             holder.close()
-        assert raised.value.lock
+        assert raised.lock
         assert took < 10, took
         with services.engine.connect() as conn:
             waits = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
@@ -169,14 +174,10 @@ def test_a_brief_transaction_on_postgresql_is_refused_by_a_lock_in_a_moment(
         holder = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
         try:
             holder.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")  # held: no commit
-            started = time.monotonic()
-            with pytest.raises(DatabaseLockedError) as raised, \
-                    services.repo.atomic_briefly() as tx:
-                tx.get_user("nobody")
-            took = time.monotonic() - started
+            raised, took = _briefly_refused(services)
         finally:
             holder.close()
-        assert raised.value.lock  # 55P03, the lock_timeout: a lock alone
+        assert raised.lock  # 55P03, the lock_timeout: a lock alone
         assert took < 10, took
         with services.engine.connect() as conn:  # the next transaction waits as usual again
             assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "0"

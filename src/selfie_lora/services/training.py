@@ -1913,30 +1913,26 @@ class TrainingService:
         held.recoveries_when_stored = at_store  # a lock from here on: spaced by its stops
         unscorable = None
         stops = scoring_stops(training, recoveries_when_stored=at_store)
+        # The attempt before this one stepped away on a lock: not a worker that stopped (the
+        # operator would look for a crash).
+        locked = training.metrics.get(LOCKED_AWAY_KEY) == training.attempt - 1
         if stops >= 2 * self.lease.max_attempts:
             # Its judging without scores stopped as many times again (a lock on the verdict's
             # rows that does not end, a worker that keeps dying there): ended now, with no
             # write the judging needs, where it was tried every 15 min for ever.
-            self._end_unjudged(held, version, stops=stops,
-                               locked=training.metrics.get(LOCKED_AWAY_KEY) == training.attempt - 1)
+            self._end_unjudged(held, version, stops=stops, locked=locked)
             return
         # A lock met now: the next attempt waits (spaced, a lock of minutes not spending them all).
         lock_gap = self.lease.scoring_lock_gap(stops)
         if scoring_exhausted(training, self.lease, recoveries_when_stored=at_store):
-            times = f"{stops} {'time' if stops == 1 else 'times'}"
             # Its owner's words: who can compare it and where, not an operator's command (the
             # log line names that); nothing scores it again by itself.
-            yours = "you can compare it with the active version on the Versions page"
-            if training.metrics.get(LOCKED_AWAY_KEY) == training.attempt - 1:
-                # The attempt before this one stepped away on a lock: not a worker that stopped
-                # (the operator would look for a crash).
-                unscorable = (f"its scoring was stopped {times}, the last time because the "
-                              f"database was busy (a lock); {yours}")
+            unscorable = (f"{_scoring_stopped(stops, locked=locked)}; you can compare it with "
+                          "the active version on the Versions page")
+            if locked:
                 logger.warning("training %s: its version is judged without scores, its scoring "
                                "stopped %s (the last time by a database lock); compare it with "
-                               "'selfie-lora compare'", held.training_id, times)
-            else:
-                unscorable = f"the worker scoring it stopped {times}; {yours}"
+                               "'selfie-lora compare'", held.training_id, _times(stops))
         try:
             verdict = self._likeness.judge(training.version_id, checkpoint=held.checkpoint,
                                            unscorable=unscorable)
@@ -1998,8 +1994,7 @@ class TrainingService:
         training's end is written on its own row only (and the retraining log), so that a lock
         on the version's or the model's row (``apply_verdict`` takes both FOR UPDATE) does not
         keep it from ending; the version's hold is tried in its own transaction first."""
-        why = (f"its scoring was stopped {stops} times, the last time because the database was "
-               "busy (a lock)" if locked else f"the worker scoring it stopped {stops} times")
+        why = _scoring_stopped(stops, locked=locked)
         self._hold_apart(held.training_id, version.id, canceled=False, why=why)
         with self._holding(held) as (tx, current):
             if current.cancel_requested:
@@ -2332,6 +2327,19 @@ class _Waits:
             return False
         self._waits = 0
         return True
+
+
+def _times(count: int) -> str:
+    return f"{count} {'time' if count == 1 else 'times'}"
+
+
+def _scoring_stopped(stops: int, *, locked: bool) -> str:
+    """Why a version is judged without scores, in its owner's words: its scoring stopped
+    ``stops`` times, the last by a database lock (``locked``) or by its worker stopping."""
+    if locked:
+        return (f"its scoring was stopped {_times(stops)}, the last time because the database "
+                "was busy (a lock)")
+    return f"the worker scoring it stopped {_times(stops)}"
 
 
 def _database_reason(exc: BaseException) -> str:
