@@ -11,12 +11,13 @@ import contextlib
 import logging
 import sqlite3
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.domain import alerts
 from selfie_lora.domain.entities import Dataset, GateStatus, Training, TrainingStatus, Version
 from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import DatabaseLockedError
@@ -545,6 +546,94 @@ def test_a_version_its_ended_training_left_undecided_is_held_once_its_row_is_fre
         model = rig.services.repo.get_model(second.model_id)
         assert model is not None
         assert model.active_version_id == first.version_id  # never activated
+    finally:
+        rig.services.close()
+
+
+def _said_held(rig: _Rig, version: Version) -> None:
+    """Its owner was told ``version`` was held as of any version the gate holds: one
+    ``not_scored`` alert sent (and its delivery recorded on the version) with the hold's reason,
+    and one ``gate_held`` entry in the retraining log."""
+    sent = [a for a in rig.alerter.sent if a["version_id"] == version.id]
+    assert len(sent) == 1, sent
+    assert sent[0]["kind"] == "not_scored", sent
+    assert sent[0]["alert_id"] == f"not_scored:{version.id}", sent
+    assert sent[0]["message"] == version.gate_reason, sent
+    assert version.alert is not None
+    assert version.alert["delivery"]["delivered"] is True, version.alert
+    page = rig.services.likeness.log_page(user=rig.user, limit=5, before=None)
+    held = [e for e in page.events if e["kind"] == "gate_held"
+            and e["data"]["version_id"] == version.id]
+    assert len(held) == 1, page.events
+    assert held[0]["data"]["reason"] == version.gate_reason, held
+
+
+def _ended_unjudged(rig: _Rig, monkeypatch: pytest.MonkeyPatch, *,
+                    hold_locked: bool) -> Training:
+    """A first training succeeded, then a second whose verdict's write a lock kept waiting
+    until it ended unjudged (succeeded), its version held then or, ``hold_locked`` (that hold
+    refused by a lock too), left undecided for a reconcile pass: the second's row."""
+    first = rig.train(0)
+    assert first.status is TrainingStatus.SUCCEEDED, first.error
+    _verdicts_locked(rig, monkeypatch)
+    attempts = rig.services.training.lease.max_attempts
+    with monkeypatch.context() as m:
+        if hold_locked:
+            def locked(service: LikenessService, tx: object, version_id: str,
+                       **kw: object) -> None:
+                raise DatabaseLockedError(LOCKED, lock=True)
+
+            m.setattr(LikenessService, "hold_unjudged", locked)
+        second = rig.train(3)
+        second, holds = _holds(rig, second, runs=3 * attempts)
+    assert second.status is TrainingStatus.SUCCEEDED, (holds, second.error)
+    return second
+
+
+@pytest.mark.parametrize("held_by", ["its_training_s_end", "the_reconcile_pass"])
+def test_an_unjudged_version_held_alerts_its_owner_once_and_logs_it_once(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch, held_by: str) -> None:
+    """A version the gate could not judge (a lock on its verdict's write that never ends), held
+    by its training's end or, that hold refused by a lock too, by a later reconcile pass: its
+    owner gets the ``not_scored`` alert and the retraining log its ``gate_held`` entry, once, as
+    for any version the gate holds; later passes add none. Before, neither was made: the
+    version was held without a word."""
+    try:
+        second = _ended_unjudged(rig, monkeypatch,
+                                 hold_locked=held_by == "the_reconcile_pass")
+        if held_by == "the_reconcile_pass":
+            assert rig.version(second).gate_status is GateStatus.PENDING
+            assert not rig.alerter.sent, rig.alerter.sent
+        rig.services.training.reconcile()
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD, version.gate_reason
+        _said_held(rig, version)
+        rig.services.training.reconcile()  # nothing more to say
+        _said_held(rig, rig.version(second))
+    finally:
+        rig.services.close()
+
+
+def test_an_unjudged_version_s_alert_outlives_a_sender_that_dies_before_sending_it(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The alert of a version a reconcile pass held is recorded with the hold, claimed, as the
+    gate's own: the process dying before it left, it is due to any reconciler once the claim
+    runs out (not lost with the process, nor due before: its sender may still be sending)."""
+    try:
+        second = _ended_unjudged(rig, monkeypatch, hold_locked=True)
+        rig.alerter.crash = True
+        with pytest.raises(SimulatedCrash):
+            rig.services.training.reconcile()
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD, version.gate_reason
+        assert not rig.alerter.sent
+        assert version.alert is not None
+        assert version.alert["kind"] == "not_scored", version.alert
+        assert version.alert["delivery"] is None, version.alert
+        now = datetime.now(UTC)
+        assert version.id not in rig.services.repo.due_alerts(now, limit=10)
+        after_claim = now + alerts.CLAIM + timedelta(seconds=1)
+        assert version.id in rig.services.repo.due_alerts(after_claim, limit=10)
     finally:
         rig.services.close()
 

@@ -204,6 +204,14 @@ class GateVerdict:
 
 
 @dataclass(frozen=True)
+class UnjudgedHold:
+    """A version ``hold_unjudged`` held: its alert claimed by this process, to deliver once the
+    hold committed (None: no alerter, the alert recorded, never sent)."""
+
+    alert: alerts.ClaimedAlert | None
+
+
+@dataclass(frozen=True)
 class Reference:
     """The face embeddings of one dataset's training photos (photos without a face left out)."""
 
@@ -547,23 +555,10 @@ class LikenessService:
         tx.set_version_gate(current.id, status=verdict.status, reason=reason, details=details)
         claimed = None
         if verdict.status is GateStatus.HELD:
-            owner = tx.get_user(model.user_id)
-            alert = self._alert(model, current, verdict, message=reason, at=now,
-                                user_name=owner.name if owner is not None else None)
-            if self._alerter is None:
-                tx.set_version_alert(current.id, alert, due_at=None)  # recorded, never sent
-            else:
-                # Due, and claimed by this process, which sends it once the transaction
-                # committed; should it die first, any reconciler sends it when the claim runs out.
-                claimed = alerts.ClaimedAlert(version_id=current.id, alert=alert,
-                                              claim=now + alerts.CLAIM)
-                tx.set_version_alert(current.id, alert, due_at=claimed.claim)
-        tx.add_event(model_id=current.model_id, kind=f"gate_{verdict.status}", data={
-            "version_id": current.id, "version_number": current.number,
-            "baseline_version_id": baseline.id if baseline else None,
-            "reason": reason, "before": verdict.details.get("before"),
-            "after": verdict.details.get("after"), "tolerance": self.tolerance,
-        })
+            claimed = self._record_alert(tx, model, current, baseline=baseline,
+                                         details=verdict.details, message=reason, at=now)
+        self._gate_event(tx, current, status=verdict.status, baseline=baseline, reason=reason,
+                         details=verdict.details)
         if verdict.status is GateStatus.PASSED:
             logger.info("version %d of model %s passed the likeness gate: %s", current.number,
                         current.model_id, reason)
@@ -577,31 +572,75 @@ class LikenessService:
         the gate decided is kept, held, never activated by the gate (one its user activated
         meanwhile stays active, and its reason says so). Whether it was held (not when it was
         decided already, or is gone)."""
-        return self._hold_undecided(tx, version_id, reason=CANCELED_REASON, mark="canceled")
+        return self._hold_undecided(tx, version_id, reason=CANCELED_REASON,
+                                    mark="canceled") is not None
 
-    def hold_unjudged(self, tx: Repository, version_id: str, *, why: str) -> bool:
+    def hold_unjudged(self, tx: Repository, version_id: str, *, why: str
+                      ) -> UnjudgedHold | None:
         """Inside the caller's transaction: a version the gate could not judge (``why``, its
-        owner's words) is kept, held, never activated by the gate, as a canceled one is (whether
-        it was, as ``hold_canceled``)."""
-        return self._hold_undecided(tx, version_id, reason=UNJUDGED_REASON.replace("{why}", why),
-                             mark="unjudged")
+        owner's words) is kept, held, never activated by the gate, as a canceled one is; None
+        when it was not (decided already, or gone). Unlike a canceled one (its owner asked for
+        the end), its owner learns of it as of any version the gate held: the ``not_scored``
+        alert, recorded and claimed as ``apply_verdict``'s (the returned hold's, to deliver
+        once ``tx`` committed), and the ``gate_held`` entry of the retraining log."""
+        held = self._hold_undecided(tx, version_id, reason=UNJUDGED_REASON.replace("{why}", why),
+                                    mark="unjudged")
+        if held is None:
+            return None
+        model, version, reason = held
+        claimed = self._record_alert(tx, model, version, baseline=None, details={},
+                                     message=reason, at=self._clock())
+        self._gate_event(tx, version, status=GateStatus.HELD, baseline=None, reason=reason,
+                         details={})
+        logger.warning("likeness alert: version %d of model %s held back: %s", version.number,
+                       version.model_id, reason)
+        return UnjudgedHold(alert=claimed)
 
     def _hold_undecided(self, tx: Repository, version_id: str, *, reason: str,
-                        mark: str) -> bool:
+                        mark: str) -> tuple[Model, Version, str] | None:
+        """The hold of ``hold_canceled`` and ``hold_unjudged``: the version's model and row as
+        locked, and the reason written, or None when it was not held."""
         found = tx.get_version(version_id)
         locked = None if found is None else _lock_model_and_version(tx, found.model_id, version_id)
         if locked is None:
-            return False
+            return None
         model, current = locked
         if current.gate_status is not GateStatus.PENDING:
-            return False
+            return None
         reason = reason.replace("{number}", str(current.number))
         if model.active_version_id == current.id:
             reason = held_but_user_activated(reason)  # activated by its user meanwhile: it stays
         tx.set_version_gate(current.id, status=GateStatus.HELD, reason=reason,
                             details={**current.gate_details, "decided_at": utcnow().isoformat(),
                                      mark: True})
-        return True
+        return model, current, reason
+
+    def _record_alert(self, tx: Repository, model: Model, version: Version, *,
+                      baseline: Version | None, details: Mapping[str, Any], message: str,
+                      at: datetime) -> alerts.ClaimedAlert | None:
+        """A held version's alert, recorded inside ``tx``: claimed by this process when there is
+        an alerter (returned, to deliver once ``tx`` committed), else recorded, never sent."""
+        owner = tx.get_user(model.user_id)
+        alert = self._alert(model, version, baseline=baseline, details=details, message=message,
+                            at=at, user_name=owner.name if owner is not None else None)
+        if self._alerter is None:
+            tx.set_version_alert(version.id, alert, due_at=None)
+            return None
+        # Due, and claimed by this process, which sends it once the transaction committed;
+        # should it die first, any reconciler sends it when the claim runs out.
+        claimed = alerts.ClaimedAlert(version_id=version.id, alert=alert, claim=at + alerts.CLAIM)
+        tx.set_version_alert(version.id, alert, due_at=claimed.claim)
+        return claimed
+
+    def _gate_event(self, tx: Repository, version: Version, *, status: GateStatus,
+                    baseline: Version | None, reason: str, details: Mapping[str, Any]) -> None:
+        """The gate's decision in the retraining log (``gate_passed``, ``gate_held``)."""
+        tx.add_event(model_id=version.model_id, kind=f"gate_{status}", data={
+            "version_id": version.id, "version_number": version.number,
+            "baseline_version_id": baseline.id if baseline else None,
+            "reason": reason, "before": details.get("before"),
+            "after": details.get("after"), "tolerance": self.tolerance,
+        })
 
     def deliver_alert(self, claimed: alerts.ClaimedAlert) -> bool:
         """Send a held version's alert to the operator (this process claimed it) and record how
@@ -1193,12 +1232,14 @@ class LikenessService:
                        older=shown[-1].id if more else None)
 
     # ------------------------------------------------------------------ the gate
-    def _alert(self, model: Model, version: Version, verdict: GateVerdict, *, message: str,
-               at: datetime, user_name: str | None) -> dict[str, Any]:
-        baseline = verdict.baseline
+    def _alert(self, model: Model, version: Version, *, baseline: Version | None,
+               details: Mapping[str, Any], message: str, at: datetime,
+               user_name: str | None) -> dict[str, Any]:
+        """A held version's alert: ``baseline`` and ``details`` are the gate's verdict's (none
+        for a version it could not judge: an alert of kind ``not_scored``)."""
         # Held on the active version's photos: the numbers that decided, on those photos.
-        there = decided_on_baseline_photos(verdict.details)
-        decided = there if there is not None else verdict.details
+        there = decided_on_baseline_photos(details)
+        decided = there if there is not None else details
         before, after = decided.get("before"), decided.get("after")
         photos_of = baseline.number if there is not None and baseline else version.number
         if version.version_mismatch:
@@ -1230,7 +1271,7 @@ class LikenessService:
             "before": before, "after": after,
             # Whose training photos ``before`` and ``after`` were measured on: the new
             # version's ("new_photos") or the active version's ("baseline_photos").
-            "measured_on": verdict.details.get("measured_on"),
+            "measured_on": details.get("measured_on"),
             "tolerance": self.tolerance, "url": self._versions_url,
             # What a chat hook shows: Slack's incoming webhooks need "text", Discord's
             # "content" (at most 2000 characters); both refused this body without them.

@@ -65,6 +65,7 @@ from typing import Any
 from selfie_lora.dataset.limits import SentFile, UploadedFile
 from selfie_lora.dataset.prepare import prepared_square_side
 from selfie_lora.disk_space import QUOTA_ADVICE, is_full_error, is_quota_error, machine_disk_words
+from selfie_lora.domain.alerts import ClaimedAlert
 from selfie_lora.domain.entities import (
     Dataset,
     Finding,
@@ -1100,13 +1101,17 @@ class TrainingService:
         still being scored. The lock that left them so may last: each hold waits for it a moment
         only (``atomic_briefly``), and the first one still locked ends the part until the next
         pass (the others likely wait on the same lock: each would cost the pass its wait)."""
+        sending = True  # until a delivery fails: the endpoint is likely down for the rest too
         for version, t in self._repo.undecided_versions_of_ended_trainings(limit=_UNDECIDED_BATCH):
+            alert = None
             try:
                 with self._repo.atomic_briefly() as tx:
                     if t.status is TrainingStatus.CANCELED:
                         held = self._likeness.hold_canceled(tx, version.id)
                     else:
-                        held = self._likeness.hold_unjudged(tx, version.id, why=LEFT_UNDECIDED)
+                        hold = self._likeness.hold_unjudged(tx, version.id, why=LEFT_UNDECIDED)
+                        held = hold is not None
+                        alert = hold.alert if hold is not None else None
             except DatabaseLockedError as exc:
                 logger.info("reconcile: version %d of training %s still could not be held back "
                             "(%s); the next round tries again", version.number, t.id,
@@ -1115,6 +1120,11 @@ class TrainingService:
             if held:  # not when it was decided meanwhile, or its model is gone
                 logger.info("reconcile: version %d of ended training %s held back",
                             version.number, t.id)
+            # One not sent now stays claimed, and is due once its claim runs out (a later
+            # round's ``deliver_due_alerts``), as a dead sender's: each send to an endpoint
+            # that is down would cost this pass its deadline.
+            if alert is not None and sending:
+                sending = self._likeness.deliver_alert(alert)
 
     def _recover_trainings(self, *, dead_owners: Sequence[str], enqueued: list[str],
                            canceled: list[str], unreachable: set[str]) -> None:
@@ -1995,23 +2005,29 @@ class TrainingService:
         on the version's or the model's row (``apply_verdict`` takes both FOR UPDATE) does not
         keep it from ending; the version's hold is tried in its own transaction first."""
         why = _scoring_stopped(stops, locked=locked)
-        self._hold_apart(held.training_id, version.id, canceled=False, why=why)
+        alert = self._hold_apart(held.training_id, version.id, canceled=False, why=why)
         with self._holding(held) as (tx, current):
             if current.cancel_requested:
                 # Asked while the hold waited (a lock's timeout): ended as asked, as the gate's
                 # own end does (its version held apart above, or left undecided).
                 self._cancel_in(tx, current, hold=False,
                                 reason="canceled while its version was judged")
-                return
-            done = transition(current, TrainingStatus.SUCCEEDED, at=self._clock(),
-                              reason=f"version stored; not judged: {why}")
-            tx.save_training(done)
-            judged = tx.get_version(version.id) or version
-            tx.add_event(model_id=current.model_id, kind="training_succeeded",
-                         data=succeeded_event(done, judged, None))
-        self._ended(done)
-        logger.warning("training %s succeeded: version %d %s, not judged by the likeness gate: "
-                       "%s", held.training_id, judged.number, judged.gate_status, why)
+                done = None
+            else:
+                done = transition(current, TrainingStatus.SUCCEEDED, at=self._clock(),
+                                  reason=f"version stored; not judged: {why}")
+                tx.save_training(done)
+                judged = tx.get_version(version.id) or version
+                tx.add_event(model_id=current.model_id, kind="training_succeeded",
+                             data=succeeded_event(done, judged, None))
+        if done is not None:
+            self._ended(done)
+            logger.warning("training %s succeeded: version %d %s, not judged by the likeness "
+                           "gate: %s", held.training_id, judged.number, judged.gate_status, why)
+        # Sent once the training's end is written, as the gate's own alert is (``_judge``):
+        # the version is held either way, its alert recorded with the hold.
+        if alert is not None:
+            self._likeness.deliver_alert(alert)
 
     def _ended(self, t: Training, *, error_code: str | None = None) -> None:
         seconds = ((t.completed_at - t.started_at).total_seconds()
@@ -2063,22 +2079,25 @@ class TrainingService:
             self._cancel_remote(canceled)
 
     def _hold_apart(self, training_id: str, version_id: str, *, canceled: bool,
-                    why: str = "") -> None:
+                    why: str = "") -> ClaimedAlert | None:
         """Hold a version back in its own transaction, beside its training's row ended on its
         own (before it or after): a refusal (a lock on its rows, waited for a moment only: the reconcile pass
         tries it again, and a user's cancel must not wait out a lock's timeout) is logged and
-        leaves it undecided."""
+        leaves it undecided. The alert of an unjudged version held, claimed by this process, is
+        returned for the caller to deliver (``LikenessService.hold_unjudged``)."""
         try:
             with self._repo.atomic_briefly() as tx:
                 if canceled:
                     self._likeness.hold_canceled(tx, version_id)
-                else:
-                    self._likeness.hold_unjudged(tx, version_id, why=why)
+                    return None
+                hold = self._likeness.hold_unjudged(tx, version_id, why=why)
         except StorageError as exc:
             # Still pending (the gate never activates it once its training has ended): its
             # owner can activate it, or compare it, on the Versions page as any version.
             logger.warning("training %s: its version could not be held back (%s); it stays "
                            "undecided and is not activated", training_id, exc.message)
+            return None
+        return hold.alert if hold is not None else None
 
     def _cancel_in(self, tx: Repository, t: Training, *, reason: str,
                    remote_ended: bool = False, hold: bool = True) -> Training | None:
