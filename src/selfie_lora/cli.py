@@ -42,6 +42,7 @@ from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import (
     ConflictError,
+    DatabaseLockedError,
     DatabaseRefusedError,
     ErrorCode,
     InvalidInputError,
@@ -1285,6 +1286,23 @@ def _writable_folder(folder: Path) -> None:
         _cannot_write(folder, PermissionError(13, "Permission denied"))
 
 
+@contextmanager
+def _locked_says_again() -> Iterator[None]:
+    """A database lock met by the command (``DatabaseLockedError``, the API's 503 with
+    Retry-After) is one line that says what kept it waiting and that it is to be run again:
+    its own words alone ("database is locked") read as a fault to report, where the lock is
+    another process's work of the moment and the same command goes through once it ends."""
+    try:
+        yield
+    except DatabaseLockedError as exc:
+        # A lock alone when the database said so (SQLite has no statement timeout to name).
+        what = "a lock held by another process, a backup or a long command"
+        if not exc.lock:
+            what += ", or a statement past the database's timeout"
+        _fail(f"{exc.message}: the database was busy ({what}); run the command again in a "
+              "moment")
+
+
 def _fmt(value: object) -> str:
     if value is None:
         return "-"
@@ -1307,7 +1325,7 @@ def compare(
     """Compare two versions of the user's model probe by probe: writes a side-by-side grid and
     the chart of likeness scores across all versions, and prints the scores."""
     _writable_folder(out)  # before scoring versions, which takes minutes on a GPU
-    with opened(trainers={}) as services:
+    with opened(trainers={}) as services, _locked_says_again():
         owner = services.users.get_by_name(name=user)
         comparison = services.likeness.compare_scored(
             user=owner, a=a, b=b,

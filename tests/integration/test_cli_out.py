@@ -22,8 +22,10 @@ from typer.testing import CliRunner
 import selfie_lora.wiring as wiring
 from selfie_lora import cli
 from selfie_lora import console as console_module
+from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import User, Version
+from selfie_lora.errors import DatabaseLockedError
 from selfie_lora.outputs import partial_path
 from selfie_lora.services.models import ModelService
 from selfie_lora.services.ports import GenerationJob
@@ -239,6 +241,28 @@ def test_compare_to_a_file_is_refused_before_it_compares(trained: Services,
     refused = CliRunner().invoke(cli.app, ["compare", "--user", "ann", "--out", str(target)])
     refused_in_one_line(refused, target)
     assert "identity" not in refused.output  # no comparison was printed
+
+
+@pytest.mark.parametrize("lock", [True, False], ids=["a-lock", "a-statement-timeout"])
+def test_compare_kept_waiting_by_a_database_lock_says_to_run_it_again(
+        trained: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lock: bool) -> None:
+    """A lock held elsewhere past the database's wait while compare reads the versions' records
+    (``DatabaseLockedError``, the API's 503 with Retry-After): one line that says the database
+    was busy and to run the command again, where it was the driver's words alone ("database is
+    locked"), read as a fault to report."""
+    def get_likeness(repo: SqlRepository, version_id: str) -> None:
+        raise DatabaseLockedError("database error: database is locked", lock=lock)
+
+    monkeypatch.setattr(SqlRepository, "get_likeness", get_likeness)
+    refused = CliRunner().invoke(cli.app, ["compare", "--user", "ann", "--out", str(tmp_path)])
+    assert refused.exit_code == 1, refused.output
+    said = " ".join(refused.output.split())
+    assert said.startswith("error: database error: database is locked: the database was busy "
+                           "(a lock held by another process, a backup or a long command"), said
+    assert said.endswith("); run the command again in a moment"), said
+    assert ("a statement past the database's timeout" in said) is not lock, said
+    assert "Traceback" not in refused.output
+    assert not list(tmp_path.glob("*.png"))  # nothing written
 
 
 @pytest.mark.parametrize(("a", "b", "said"), [
