@@ -35,7 +35,7 @@ from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.api.app import create_app
 from selfie_lora.api.server_errors import server_error_sentence
 from selfie_lora.config import Settings
-from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus, User
+from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus, User, Version
 from selfie_lora.domain.plan import (
     DEFAULT_LORA_SCALE,
     LORA_SCALE_MAX,
@@ -54,6 +54,7 @@ from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY, chart_key
 from selfie_lora.services.likeness import grid_text
 from selfie_lora.services.ports import BlobStream, ProgressSink, TrainingJob, TrainingResult
+from selfie_lora.services.training import SCORING_LOCKED
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.web.app import WEB_ROOT
@@ -2672,16 +2673,23 @@ def test_the_scale_goes_back_to_the_default_from_the_generate_page(ann: TestClie
     assert 'id="default-scale"' not in ann.get("/generate").text
 
 
-def test_using_a_held_or_pending_version_says_which_it_is(ann: TestClient,
-                                                         svc: Services) -> None:
-    # A version still being scored was "held back (None)" (found in review): pending and held
-    # are worded apart, and a reason is printed only when there is one.
+def _two_versions_the_first_active(ann: TestClient, svc: Services
+                                   ) -> tuple[User, Version, Version]:
+    """ann trained twice, her first version made active again: she, v1 and v2."""
     assert upload(ann)[0] == 200
     train(ann)
     train(ann)
     user = svc.users.get_by_name(name="ann")
     v2, v1 = svc.models.versions(user=user)
     svc.models.activate(user=user, version_id=v1.id)
+    return user, v1, v2
+
+
+def test_using_a_held_or_pending_version_says_which_it_is(ann: TestClient,
+                                                         svc: Services) -> None:
+    # A version still being scored was "held back (None)" (found in review): pending and held
+    # are worded apart, and a reason is printed only when there is one.
+    user, v1, v2 = _two_versions_the_first_active(ann, svc)
 
     def confirm() -> str:
         found = re.search(r'data-confirm="(Use version 2[^"]*)"', ann.get("/versions").text)
@@ -2715,6 +2723,42 @@ def test_using_a_held_or_pending_version_says_which_it_is(ann: TestClient,
     svc.models.activate(user=user, version_id=v1.id)
     svc.repo.set_version_gate(v2.id, status=GateStatus.PASSED, reason=None, details={})
     assert "although" not in confirm()
+
+
+def test_a_version_whose_scoring_a_lock_stopped_says_the_database_was_busy(
+        ann: TestClient, svc: Services) -> None:
+    """A version whose scoring stepped away on a database lock (its training's row says
+    ``SCORING_LOCKED`` until the next attempt) is said to wait for the database on the Versions
+    page, in its Gate cell and when it is used; "still being scored" read as work going on. Once
+    the row no longer says so, it is worded as any pending version again."""
+    _, _, v2 = _two_versions_the_first_active(ann, svc)
+    svc.repo.set_version_gate(v2.id, status=GateStatus.PENDING, reason=None, details={})
+    done = svc.repo.get_training(v2.training_id)
+    assert done is not None
+    stepped_away = replace(done, status=TrainingStatus.PROCESSING, completed_at=None,
+                           error=SCORING_LOCKED)
+    svc.repo.save_training(stepped_away)
+
+    def use_words() -> tuple[str, str, str]:
+        """The page, and the words of v2's use dialog and of the box standing for it."""
+        page = ann.get("/versions").text
+        dialog = re.search(r'data-confirm="(Use version 2[^"]*)"', page)
+        box = re.search(r'id="sure-use-2"[^>]*> ([^<]*)</label>', page)
+        assert dialog
+        assert box
+        return page, html.unescape(dialog.group(1)), html.unescape(box.group(1))
+
+    page, dialog, box = use_words()
+    assert ('<td>pending: <span class="muted">its likeness could not be scored yet: the '
+            "database was busy; it is scored again shortly</span></td>") in page
+    assert "could not be scored yet (the database was busy)" in dialog, dialog
+    assert "still being scored" not in dialog, dialog
+    assert box == "Yes, use version 2 although its likeness could not be scored yet"
+    svc.repo.save_training(replace(stepped_away, error=None))  # its next attempt scores it
+    page, dialog, box = use_words()
+    assert "the database was busy" not in page
+    assert "still being scored" in dialog, dialog
+    assert box == "Yes, use version 2 although its likeness is still being scored"
 
 
 def test_a_version_without_its_weights_is_refused_on_the_pages_not_a_500(

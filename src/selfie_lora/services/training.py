@@ -153,6 +153,7 @@ from selfie_lora.services.common import (
     FULL_DISK,
     KEPT_WAITING,
     POOL_TAKEN,
+    ModelHistory,
     Outage,
     PinFacts,
     new_id,
@@ -779,6 +780,15 @@ class TrainingService:
             return self.view(training)
         training, version = found
         return self.view(training, version=version)
+
+    def scoring_kept_waiting(self, *, history: ModelHistory) -> frozenset[str]:
+        """The ids of ``history``'s versions whose scoring a database lock stopped, waiting for
+        their training's next attempt (its row's ``SCORING_LOCKED``, the step-away's words): a
+        page says of them that the database was busy, not that they are "still being scored",
+        which read as work going on when none was."""
+        return frozenset(t.version_id for t in history.trainings
+                         if t.version_id is not None and not t.status.is_terminal
+                         and t.error == SCORING_LOCKED)
 
     def view(self, training: Training, *, version: Version | None = None) -> TrainingView:
         if version is None and training.version_id:

@@ -8,7 +8,7 @@ import dataclasses
 import re
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
@@ -693,7 +693,8 @@ def train_resume(request: Request, viewer: FormViewer, training_id: FormStr) -> 
 
 def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
                  active_version_id: str | None,
-                 photos: Mapping[str, int]) -> list[dict[str, Any]]:
+                 photos: Mapping[str, int],
+                 kept_waiting: Collection[str] = ()) -> list[dict[str, Any]]:
     """The Versions table, newest first. "Change" is the gate's measure: this version's identity
     minus the one it was judged against, both scored on the photos the gate decided on: this
     version's, or, when it was held on them (``measured_on`` "baseline_photos"), the training
@@ -702,7 +703,8 @@ def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
     its own training photos, so two versions trained on different photo sets do not subtract:
     that difference would show a drop the gate did not see, or hide one. That version is not
     always the row below (after a held version, a rollback), so the change names it: "-0.015 vs
-    v1"."""
+    v1". ``kept_waiting``: the pending versions whose scoring waits out a database lock
+    (``TrainingService.scoring_kept_waiting``), said so."""
     rows = []
     active_number = next((v.number for v, _ in versions if v.id == active_version_id), None)
     for version, record in versions:
@@ -730,7 +732,9 @@ def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
                      "gate_reason": gate_reason_now(
                          version.gate_reason, active=active_version_id == version.id,
                          active_number=active_number) if version.gate_reason else None,
-                     "photos": photos.get(version.id)})
+                     "photos": photos.get(version.id),
+                     "kept_waiting": (version.id in kept_waiting
+                                      and version.gate_status is GateStatus.PENDING)})
     return rows
 
 
@@ -819,7 +823,9 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
                 if history is not None else [])
     photos = svc.models.photos_used(user=viewer.user, history=history) if history else {}
     rows = version_rows(versions, active_version_id=model.active_version_id if model else None,
-                        photos=photos)
+                        photos=photos,
+                        kept_waiting=(svc.training.scoring_kept_waiting(history=history)
+                                      if history is not None else ()))
     comparison = None
     compare_error = None
     compare_invalid: tuple[str, ...] = ()
