@@ -43,6 +43,7 @@ from selfie_lora.services.ports import (
     TrainingResult,
 )
 from selfie_lora.services.training import (
+    DATABASE_LOCKED,
     DATABASE_UNREACHABLE,
     STORAGE_UNREACHABLE,
     TrainingService,
@@ -88,18 +89,25 @@ class FailingRenewals(SqlRepository):
 
 class Blinking(SqlRepository):
     """The database, but once armed (``fail_in``), the ``fail_in``-th transaction from then on
-    fails as one that blinked does (SQLite locked past its busy timeout, a fail-over)."""
+    fails as one that blinked does, raised as the repository raises it: SQLite's write lock
+    held past its busy timeout (``DatabaseLockedError``, counted), or with ``cut`` a fail-over's
+    cut connection (``DatabaseUnreachableError``, waited out uncounted). "database is locked"
+    was raised here as a plain ``StorageError``, which the repository never raises."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, cut: bool = False) -> None:
         super().__init__(engine)
         self.fail_in = 0
+        self.cut = cut
 
     @contextmanager
     def atomic(self) -> Iterator[SqlRepository]:
         if self.fail_in > 0:
             self.fail_in -= 1
             if self.fail_in == 0:
-                raise StorageError("database error: database is locked")
+                if self.cut:
+                    raise DatabaseUnreachableError("database error: terminating connection due "
+                                                   "to administrator command")
+                raise DatabaseLockedError("database error: database is locked", lock=True)
         with super().atomic() as tx:
             yield tx
 
@@ -380,7 +388,7 @@ def test_a_database_that_blinks_interrupts_a_training_and_does_not_fail_it(
     worker.run(training_id, owner="A")
     waiting = row(svc, training_id)
     assert (waiting.status, waiting.step, waiting.attempt, waiting.error) == (
-        TrainingStatus.PROCESSING, 1, 1, DATABASE_UNREACHABLE)
+        TrainingStatus.PROCESSING, 1, 1, DATABASE_LOCKED)
     assert training_id in svc.queue.queued_training_ids()  # rung again at once
 
     worker.run(training_id, owner="A")
@@ -761,7 +769,7 @@ def test_a_training_that_succeeds_after_a_database_blink_while_scored_says_no_er
     be reached")."""
     generator = ArmingGenerator()
     svc = machine.worker(FakeTrainer(steps=1), generator=generator)
-    generator.repo = repo = Blinking(svc.engine)
+    generator.repo = repo = Blinking(svc.engine, cut=True)
     worker = machine.training_service(svc, repo)  # scoring with svc's likeness: the generator
     training_id = queued_for_ann(svc)
 
@@ -784,7 +792,7 @@ def test_a_scoring_step_away_of_a_remote_training_is_not_held_back(machine: Mach
     generator = ArmingGenerator()
     # Keyed as the local backend, it reports a remote id as a Replicate trainer does.
     svc = machine.worker(FakeTrainer(steps=1, backend="replicate"), generator=generator)
-    generator.repo = repo = Blinking(svc.engine)
+    generator.repo = repo = Blinking(svc.engine, cut=True)
     worker = machine.training_service(svc, repo)
     training_id = queued_for_ann(svc)
     svc.queue.flush()
