@@ -253,15 +253,22 @@ def test_a_heartbeat_goes_on_after_an_error_nobody_expected(
 
 class FullDiskRenewals(SqlRepository):
     """The database, but while ``full`` its renewals of a lease fail as on a full disk
-    (SQLite's "database or disk is full", PostgreSQL's disk_full)."""
+    (SQLite's "database or disk is full", PostgreSQL's disk_full), or with ``quota`` as over a
+    used-up disk quota (``StorageFullError.quota``)."""
 
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
         self.full = False
+        self.quota = False
         self.failed = 0
         self.renewed = 0
 
     def renew_lease(self, training_id: str, **lease: Any) -> bool:
+        if self.full and self.quota:
+            self.failed += 1
+            raise StorageFullError("database error: the quota of this account on the disk "
+                                   "holding /srv/selfie-lora.db is used up (the disk itself has "
+                                   "2.0 GB free): database or disk is full", quota=True)
         if self.full:
             self.failed += 1
             raise StorageFullError("database error: the disk holding /srv/selfie-lora.db is "
@@ -320,6 +327,30 @@ def test_a_heartbeat_on_a_full_database_disk_says_it_once_and_its_end_once(
     # ran out meanwhile counts no attempt (old code: no span, the full disk not noted).
     after = datetime.now(UTC)
     assert [ended < after for _, ended in worker._database_away.spans(after)] == [True]
+
+
+@pytest.mark.parametrize(("quota", "lasts", "over"), [
+    (True, "said once while the disk quota stays used up: raise the quota or delete files it "
+           "counts; its end is logged", "the database's disk quota takes writes again"),
+    (False, "said once while the disk stays full; its end is logged",
+     "the database's disk takes writes again"),
+], ids=["quota", "full"])
+def test_a_heartbeat_over_a_used_up_quota_says_the_quota_not_a_full_disk(
+        beating: Machine, caplog: pytest.LogCaptureFixture, quota: bool, lasts: str,
+        over: str) -> None:
+    """A quota is not a full disk: the operator raises it (``df`` shows room the quota does not
+    give). The heartbeat said "the disk stays full" and "the database's disk takes writes
+    again" for a used-up quota too (``refusal_kind`` folds it into a full disk)."""
+    _svc, repo, _worker, training_id, held = _held_by_a(beating, FullDiskRenewals)
+    repo.quota = quota
+    beats = _beats_refused(held, caplog, refuse=lambda on: setattr(repo, "full", on),
+                           refused=lambda: repo.failed, renewed=lambda: repo.renewed)
+    said = [r.getMessage() for r in beats if r.levelno >= logging.WARNING]
+    assert len(said) == 1, said
+    # Old code, for the quota: "(said once while the disk stays full; ...)".
+    assert said[0].endswith(f"({lasts})"), said[0]
+    ends = [r.getMessage() for r in caplog.records if "takes writes again" in r.getMessage()]
+    assert ends == [f"training {training_id}: {over}"]
 
 
 class CountedRenewals(SqlRepository):

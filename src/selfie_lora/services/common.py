@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from selfie_lora.disk_space import is_full_error
+from selfie_lora.disk_space import is_full_error, is_quota_error
 from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
 from selfie_lora.errors import (
     BlobStoreUnreachableError,
@@ -376,3 +376,19 @@ def refusal_kind(exc: BaseException) -> str:
         return (POOL_TAKEN if exc.pool_exhausted
                 else "a read-only database")
     return "a storage error"  # the presence loop's, any other StorageError
+
+
+# ``refusal_said``'s for a used-up quota (EDQUOT, or a ``StorageFullError`` of one).
+QUOTA_USED_UP = "a used-up disk quota"
+
+
+def refusal_said(exc: BaseException) -> str:
+    """``refusal_kind`` as a line says it to the operator: a used-up quota told apart from a full
+    disk (``QUOTA_USED_UP``), since the disk itself may have room (``df`` does not see a quota)
+    and the mend is to raise the quota, not to free space. ``refusal_kind`` keeps them one kind
+    where only the grouping of a loop's refusals matters (``LoopOutages``)."""
+    kind = refusal_kind(exc)
+    if kind == FULL_DISK and (is_quota_error(exc)
+                              or (isinstance(exc, StorageFullError) and exc.quota)):
+        return QUOTA_USED_UP
+    return kind

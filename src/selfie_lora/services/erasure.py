@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from selfie_lora.disk_space import QUOTA_ADVICE, is_quota_error
+from selfie_lora.disk_space import QUOTA_ADVICE
 from selfie_lora.domain.accounts import (
     ErasurePlan,
     HoldingsChangedError,
@@ -66,11 +66,17 @@ from selfie_lora.errors import (
     ErrorCode,
     SelfieLoraError,
     StorageError,
-    StorageFullError,
     StorageUnavailableError,
     describe,
 )
-from selfie_lora.services.common import FULL_DISK, Outage, refusal_kind, refused, utcnow
+from selfie_lora.services.common import (
+    FULL_DISK,
+    QUOTA_USED_UP,
+    Outage,
+    refusal_said,
+    refused,
+    utcnow,
+)
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.layout import (
     checkpoint_prefix,
@@ -221,7 +227,7 @@ class _Refusal:
         return self._outage.attempt()
 
     def met(self, user_id: str, kind: str, *, ticket: int) -> bool:
-        """``user_id``'s deletion was refused for ``kind`` (``refusal_kind``): whether to say it
+        """``user_id``'s deletion was refused for ``kind`` (``refusal_said``): whether to say it
         (``Outage.begins_as``: once while it lasts, each kind)."""
         began, _before = self._outage.begins_as(kind, ticket=ticket)
         self._users.add(user_id)
@@ -440,15 +446,13 @@ class AccountEraser:
         fail-over's end). Due again soon, said once while it lasts (``ticket``: ``_refusal``'s),
         and again for a refusal of another kind (each kind once while they last)."""
         retry = self._due_soon(user)
-        kind = refusal_kind(exc)
         words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
-        said = kind
-        if kind == FULL_DISK and (is_quota_error(exc)
-                                  or (isinstance(exc, StorageFullError) and exc.quota)):
+        said = refusal_said(exc)
+        if said == QUOTA_USED_UP:
             # A used-up quota (EDQUOT): the disk itself may have room, so "a full disk: free
             # space" sent the operator to ``df``, which does not see the quota.
-            said, mend = "a used-up disk quota", f"{QUOTA_ADVICE}, and it finishes by itself"
-        elif kind == FULL_DISK:
+            mend = f"{QUOTA_ADVICE}, and it finishes by itself"
+        elif said == FULL_DISK:
             mend = "free space and it finishes by itself"
         else:
             mend = "it finishes by itself once that is over"

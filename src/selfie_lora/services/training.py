@@ -153,13 +153,14 @@ from selfie_lora.services.common import (
     FULL_DISK,
     KEPT_WAITING,
     POOL_TAKEN,
+    QUOTA_USED_UP,
     ModelHistory,
     Outage,
     PinFacts,
     new_id,
     next_training_pin,
     pin_facts,
-    refusal_kind,
+    refusal_said,
     refused,
     utcnow,
 )
@@ -2617,12 +2618,12 @@ class _Held:
         # The database unreachable while it runs: its cancel checks (several a second) and
         # heartbeats say so once, and once when it answers again, not at every read.
         self.database_outage = Outage()
-        # Its disk full, or refusing writes for a state of its own (a read-only standby, the
-        # pool's connections all taken, a lock held past its wait): said once likewise, each
-        # kind (``refusal_kind``), where each beat (every 5 s) logged a WARNING. Met and ended
-        # by two threads, the training's (its cancel reads, ``_Sink.cancel_requested``) and the
-        # heartbeat's: the kind its end is said in is the Outage's own (``ends_as``), under its
-        # lock.
+        # Its disk full or its quota used up, or refusing writes for a state of its own (a
+        # read-only standby, the pool's connections all taken, a lock held past its wait): said
+        # once likewise, each kind (``refusal_said``), where each beat (every 5 s) logged a
+        # WARNING. Met and ended by two threads, the training's (its cancel reads,
+        # ``_Sink.cancel_requested``) and the heartbeat's: the kind its end is said in is the
+        # Outage's own (``ends_as``), under its lock.
         self.database_refused = Outage()
 
     def tickets(self) -> tuple[int, int]:
@@ -2635,10 +2636,14 @@ class _Held:
         connections all taken), once when it begins (WARNING), at DEBUG while it lasts; another
         error at WARNING each time."""
         if refused(exc):
-            kind = refusal_kind(exc)
+            # A quota told apart from a full disk (``refusal_said``): its mend is to raise the
+            # quota, where "the disk stays full" sent the operator to free space ``df`` shows
+            # is there. A disk that fills after a quota was said is said too (another kind).
+            kind = refusal_said(exc)
             began, _before = self.database_refused.begins_as(kind, ticket=tickets[1])
-            lasts = ("the disk stays full" if kind == FULL_DISK
-                     else f"it is refused for {kind}")
+            lasts = {FULL_DISK: "the disk stays full",
+                     QUOTA_USED_UP: f"the disk quota stays used up: {QUOTA_ADVICE}"
+                     }.get(kind, f"it is refused for {kind}")
             logger.log(logging.WARNING if began else logging.DEBUG,
                        "training %s: %s: %s (said once while %s; its end is logged)",
                        self.training_id, what, exc.message, lasts)
@@ -2654,6 +2659,7 @@ class _Held:
             # In the words of what refused: a pool whose connections were all taken never
             # stopped the database taking writes.
             over = {FULL_DISK: "the database's disk takes writes again",
+                    QUOTA_USED_UP: "the database's disk quota takes writes again",
                     POOL_TAKEN: "the database's connections are free again",
                     KEPT_WAITING: "the database no longer keeps its statements waiting"}
             logger.info("training %s: %s", self.training_id,
