@@ -382,6 +382,9 @@ def test_a_page_that_meets_a_used_up_quota_says_the_quota_not_a_full_disk(
              if scripts else
              client.post("/photos/upload", files=photos, data={"csrf_token": token}))
     assert r.status_code == 507, r.text
+    # Headed for what it is, a quota's as a full disk's (old code: "Something went wrong").
+    assert "<h1>Out of storage space</h1>" in r.text, r.text
+    assert "<title>Out of storage space" in r.text, r.text
     text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", r.text)).split())
     if code == errno.EDQUOT:
         assert STORAGE_QUOTA_MESSAGE in text, text

@@ -410,6 +410,11 @@ def _heading(status: int, code: str) -> str:
         return "Pictures in progress"
     if status == 429:
         return "Too many attempts"
+    if status == 507:
+        # A full disk or a used-up quota of the server's (``StorageFullError``): "Something
+        # went wrong" read as a fault to retry, where nothing is saved until the operator makes
+        # room. Words that fit a quota too (the page's sentence says which).
+        return "Out of storage space"
     return "Something went wrong" if status >= 500 else "That did not work"
 
 
