@@ -562,6 +562,44 @@ def test_0025_indexes_when_a_deletion_was_asked_for(engine: Engine) -> None:
     assert [u.name for u in SqlRepository(engine).pending_erasures()] == ["bob"]
 
 
+def test_0026_indexes_a_version_s_likeness_gate(engine: Engine) -> None:
+    """The reconcile pass (every 10 s, on every worker and ``serve``) reads the versions left
+    undecided (``undecided_versions_of_ended_trainings``: ``gate_status`` pending), which no
+    index held: each pass went through every version. The index is made, dropped down to 0025,
+    and made again."""
+    migrate(engine, "0025")
+    insert_a_version(engine)  # training 't' succeeded, its version 'v' passed (the default)
+    migrate(engine, "head")
+    versions = {str(ix["name"]): list(ix["column_names"])
+                for ix in inspect(engine).get_indexes("versions")}
+    assert versions.get("ix_versions_gate_status") == ["gate_status"]  # old code: none
+    repo = SqlRepository(engine)
+    assert repo.undecided_versions_of_ended_trainings(limit=10) == []
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE versions SET gate_status = 'pending' WHERE id = 'v'"))
+    # The repository's read as it issues it (a query drifting from the index would be seen):
+    # SQLite's plan searches versions by the index, not a walk of the table.
+    with _statements(engine) as issued:
+        found = repo.undecided_versions_of_ended_trainings(limit=10)
+    assert [(v.id, t.id) for v, t in found] == [("v", "t")]
+    reads = [(sql, params) for sql, params in issued if "gate_status" in sql]
+    assert len(reads) == 1, issued
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            sql, params = reads[0]
+            plan = " ".join(str(row[-1]) for row in
+                            conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+            assert "SEARCH versions USING INDEX ix_versions_gate_status" in plan, (sql, plan)
+    migrate(engine, "0025", down=True)
+    assert "ix_versions_gate_status" not in {
+        ix["name"] for ix in inspect(engine).get_indexes("versions")}
+    migrate(engine, "head")
+    assert "ix_versions_gate_status" in {
+        ix["name"] for ix in inspect(engine).get_indexes("versions")}
+    assert [v.id for v, _t in SqlRepository(engine).undecided_versions_of_ended_trainings(
+        limit=10)] == ["v"]
+
+
 def test_the_migration_log_line_masks_a_password_given_as_a_query_parameter(
         caplog: pytest.LogCaptureFixture) -> None:
     """The socket form has no other place for a password than the query; it was logged."""

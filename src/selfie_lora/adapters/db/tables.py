@@ -225,8 +225,9 @@ class VersionRow(Base):
     version_mismatch: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The likeness gate: pending | passed | held. Versions from before 0002 were activated on
-    # success, hence the server default.
-    gate_status: Mapped[str] = mapped_column(String(10), server_default="passed")
+    # success, hence the server default. Indexed (0026): the reconcile pass of every worker
+    # (every 10 s) reads the pending ones of ended trainings, and went through every version.
+    gate_status: Mapped[str] = mapped_column(String(10), server_default="passed", index=True)
     gate_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     gate_details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     alert: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
