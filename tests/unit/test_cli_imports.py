@@ -128,6 +128,24 @@ def test_check_loads_no_database_nor_queue(tmp_path: Path) -> None:
     assert not (tmp_path / "home").exists()  # and makes no HOME
 
 
+# huey's import loads redis and psycopg whenever they are installed (its storage module tries
+# both): ~0.1-0.3 s of CPU, which every command that built the services paid, on SQLite with
+# the embedded queue too. A command that queues nothing must load none of them.
+QUEUE_LIBRARIES = ("huey", "redis", "psycopg")
+
+
+def test_the_commands_that_queue_nothing_load_no_queue_library_on_sqlite(tmp_path: Path) -> None:
+    # (command, its exit status here: ann has no model yet, which model and versions say)
+    for args, status in ((["users", "create", "ann"], 0), (["users", "list"], 0),
+                         (["users", "keys", "list", "ann"], 0), (["model", "--user", "ann"], 1),
+                         (["versions", "--user", "ann"], 1),
+                         (["generations", "list", "--user", "ann"], 0), (["gc", "--dry-run"], 0),
+                         (["gc"], 0)):
+        code, loaded = _command_loads(tmp_path, args, QUEUE_LIBRARIES)
+        assert (code, loaded) == (status, []), args  # old code: all three, for each
+    assert (tmp_path / "home" / "queue.db").is_file()  # made (private) all the same
+
+
 def test_a_command_on_a_database_at_this_release_s_schema_loads_no_alembic(
         tmp_path: Path) -> None:
     # Every command compares the database's revision with this release's head; Alembic (~0.1 s

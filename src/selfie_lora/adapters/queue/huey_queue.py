@@ -10,20 +10,23 @@ any unfinished training that nobody holds and no message will reach (``queued_tr
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlparse
-
-from huey import Huey, RedisHuey, SqliteHuey
-from huey.storage import BaseStorage, RedisStorage
 
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.errors import ConfigError, QueueClosedError
 from selfie_lora.services.common import EnqueueListeners
+
+if TYPE_CHECKING:
+    # At run time huey is imported where a queue is first used (``_huey_maker``).
+    from huey import Huey
+    from huey.storage import BaseStorage
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +56,43 @@ DEFAULT_NAME = "selfie-lora"
 def make_huey(url: str, *, name: str = DEFAULT_NAME) -> Huey:
     """huey on ``url``, its queue called ``name``: deployments that share one Redis database
     (or SQLite file) each take only their own queue's messages, and count only theirs."""
+    return _huey_maker(url, name=name)()
+
+
+def _huey_maker(url: str, *, name: str) -> Callable[[], Huey]:
+    """What builds ``make_huey``'s huey, when called. The URL is read and a SQLite queue's file
+    made private now (an earlier release's 0644 file too, as every start did); huey itself is
+    imported and built only when it is called: its storage module imports redis and psycopg
+    whenever they are installed (~0.1-0.3 s of CPU), which every command that built the
+    services paid, ``users create`` on SQLite included, where none of them is used."""
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         # sqlite:////abs/path or sqlite:///rel/path, as SQLAlchemy spells it.
         path = url.removeprefix("sqlite:///")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         keep_private(path)
-        return SqliteHuey(name=name, filename=path, results=False)
+        return functools.partial(_sqlite_huey, path, name=name)
     if parsed.scheme in ("redis", "rediss"):
-        from redis import ConnectionPool  # the redis extra, needed only here
-
-        # The URL's own options win over these (redis-py's from_url).
-        pool = ConnectionPool.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                       socket_timeout=ANSWER_TIMEOUT_S)
-        # Blocking reads: an idle worker waits on Redis instead of polling it.
-        return RedisHuey(name=name, connection_pool=pool, results=False, blocking=True,
-                         read_timeout=REDIS_READ_TIMEOUT_S)
+        return functools.partial(_redis_huey, url, name=name)
     raise ConfigError(f"unsupported SELFIE_LORA_QUEUE_URL scheme {parsed.scheme!r}")
+
+
+def _sqlite_huey(path: str, *, name: str) -> Huey:
+    from huey import SqliteHuey
+
+    return SqliteHuey(name=name, filename=path, results=False)
+
+
+def _redis_huey(url: str, *, name: str) -> Huey:
+    from huey import RedisHuey
+    from redis import ConnectionPool  # the redis extra, needed only here
+
+    # The URL's own options win over these (redis-py's from_url).
+    pool = ConnectionPool.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                   socket_timeout=ANSWER_TIMEOUT_S)
+    # Blocking reads: an idle worker waits on Redis instead of polling it.
+    return RedisHuey(name=name, connection_pool=pool, results=False, blocking=True,
+                     read_timeout=REDIS_READ_TIMEOUT_S)
 
 
 def _decode(message: bytes | str) -> str | None:
@@ -80,8 +103,12 @@ def _decode(message: bytes | str) -> str | None:
 
 
 class HueyJobQueue:
-    def __init__(self, huey: Huey) -> None:
-        self.huey = huey
+    def __init__(self, make: Callable[[], Huey]) -> None:
+        """``make``: builds its huey (``_huey_maker``), called at the queue's first use, not
+        before: a command that never uses the queue (``users create`` ...) loads neither huey
+        nor the redis and psycopg its import brings."""
+        self._make = make
+        self._huey: Huey | None = None
         self._enqueued = EnqueueListeners()
         # ``close``: calls begun before it finish on the storage's connections (it waits for
         # them, CLOSE_WAIT_S at most), then it lets go of them; none begins after it. huey's
@@ -95,7 +122,15 @@ class HueyJobQueue:
 
     @classmethod
     def from_url(cls, url: str, *, name: str = DEFAULT_NAME) -> HueyJobQueue:
-        return cls(make_huey(url, name=name))
+        return cls(_huey_maker(url, name=name))
+
+    @property
+    def huey(self) -> Huey:
+        """Its huey, built at the first call that needs it (under the lock: once)."""
+        with self._state:
+            if self._huey is None:
+                self._huey = self._make()
+            return self._huey
 
     def enqueue_training(self, training_id: str) -> None:
         with self._using() as storage:
@@ -128,6 +163,8 @@ class HueyJobQueue:
         and the reconciler said it). An empty queue is answered (nil) after the read's wait;
         only a server that said nothing for ANSWER_TIMEOUT_S times out: raised, the worker
         says the outage once, and its end once (``Worker._queue_unreachable``)."""
+        from huey.storage import RedisStorage  # here: huey is loaded at the first use
+
         with self._using() as storage:
             if not (isinstance(storage, RedisStorage) and storage.blocking):
                 return cast("bytes | str | None", storage.dequeue())
@@ -206,7 +243,13 @@ class HueyJobQueue:
         """Lets go of the storage's connections. An error of it is logged, not raised: raised
         at a late call's end it would stand for that call's own outcome, and from ``close`` it
         would cut ``Services.close`` short (the queue is closed whatever it says)."""
-        storage = self.huey.storage
+        with self._state:
+            huey = self._huey
+        if huey is None:  # never used: nothing was opened (nor huey loaded) to let go of
+            return
+        from huey.storage import RedisStorage
+
+        storage = huey.storage
         # SQLite: its connection; huey's Redis storage has nothing of its own. Then every
         # connection of the Redis pool: make_huey's own, which no one else uses.
         steps = [storage.close]
