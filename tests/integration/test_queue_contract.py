@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+from huey import Huey
 from huey.storage import RedisStorage
 
 from selfie_lora import worker as worker_module
@@ -329,6 +330,40 @@ def test_a_late_call_whose_release_fails_still_fails_as_closed(
     [failure] = failures
     assert isinstance(failure, QueueClosedError)  # not the release's OSError
     close()
+
+
+def test_a_first_use_s_slow_build_does_not_hold_the_close_past_its_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 2 RISK 1: the first use built huey under the lock that ``close`` takes, so a build
+    held up (a queue file another process holds: its busy timeout, then huey's WAL retries)
+    held the close past CLOSE_WAIT_S, its bound. The build here is held until the close has
+    returned (or the wait ran out), so no timing decides it."""
+    from selfie_lora.adapters.queue import huey_queue
+
+    monkeypatch.setattr(huey_queue, "CLOSE_WAIT_S", 0.1, raising=False)
+    real = huey_queue._huey_maker(queue_url("sqlite", tmp_path), name="q")
+    building, go_on = threading.Event(), threading.Event()
+
+    def held_build() -> Huey:
+        building.set()
+        go_on.wait(30)
+        return real()
+
+    q = HueyJobQueue(held_build)
+    caller, failures = _pending_in_a_thread(q)
+    closer = threading.Thread(target=q.close)
+    try:
+        assert building.wait(10)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive()  # it returned with the build still held
+    finally:
+        go_on.set()
+        caller.join(10)
+        closer.join(10)
+    [failure] = failures
+    assert isinstance(failure, QueueClosedError)  # a call under way past the close's wait
+    assert "closed while this call was under way" in str(failure)
 
 
 class _Recorded:

@@ -109,6 +109,11 @@ class HueyJobQueue:
         nor the redis and psycopg its import brings."""
         self._make = make
         self._huey: Huey | None = None
+        # The build's own lock, not ``_state``: a build can take seconds (a SQLite queue file
+        # another process holds: its busy timeout, then huey's WAL retries), or fail at each
+        # try, and ``close`` and every call's count take ``_state``: behind a build, ``close``
+        # waited past CLOSE_WAIT_S, and /readyz and the requests' enqueues with it.
+        self._building = threading.Lock()
         self._enqueued = EnqueueListeners()
         # ``close``: calls begun before it finish on the storage's connections (it waits for
         # them, CLOSE_WAIT_S at most), then it lets go of them; none begins after it. huey's
@@ -126,11 +131,21 @@ class HueyJobQueue:
 
     @property
     def huey(self) -> Huey:
-        """Its huey, built at the first call that needs it (under the lock: once)."""
-        with self._state:
-            if self._huey is None:
-                self._huey = self._make()
-            return self._huey
+        """Its huey, built at the first call that needs it (once: under ``_building``, then
+        published under ``_state``, which ``_release`` reads it under)."""
+        return self._built()
+
+    def _built(self) -> Huey:
+        built = self._huey
+        if built is not None:
+            return built
+        with self._building:
+            built = self._huey
+            if built is None:
+                built = self._make()
+                with self._state:
+                    self._huey = built
+            return built
 
     def enqueue_training(self, training_id: str) -> None:
         with self._using() as storage:
