@@ -481,7 +481,9 @@ def _bind_deployment(settings: Settings) -> None:
     built for that alone."""
     from selfie_lora.wiring import build_services
 
-    services = build_services(settings, trainers={}, generators={})
+    # The queue too: the server processes use it (their app opens it), and a queue they cannot
+    # use is one line here, not a refusal from each of them.
+    services = build_services(settings, trainers={}, generators={}, open_queue=True)
     try:
         services.operations.bind_deployment()
     finally:
@@ -505,7 +507,9 @@ def worker_cmd(
         # migrated): one started during a restore is refused without touching it.
         ctx.with_resource(using_home(settings))
         fresh = settings.missing_database() is not None
-        services = build_services(settings)
+        # The queue built now: one it cannot use stops it here, in one line (_start_failure),
+        # not a worker that runs on and takes nothing.
+        services = build_services(settings, open_queue=True)
     if fresh:
         _say_new_home(settings)
     try:

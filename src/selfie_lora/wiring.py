@@ -478,6 +478,7 @@ def build_services(
     telemetry: Telemetry | None = None,
     clock: Callable[[], datetime] | None = None,
     database_clock: Callable[[], datetime] | None = None,
+    open_queue: bool = False,
 ) -> Services:
     """``clock``: the training service's (tests: a fake one, to let a wait pass), which the
     clock check compares with ``database_clock``: the database server's (tests: a fake one, a
@@ -485,7 +486,10 @@ def build_services(
     ``migrate``: True brings the schema to this release's; ``"require"`` (a command that only
     reads) refuses one that is not at it, changing nothing (``migrate.require_head``); either
     first checks this machine's clock against the database's (``services.clock``), so that a
-    refused start changes nothing. False touches neither."""
+    refused start changes nothing. False touches neither.
+    ``open_queue``: True builds the queue now (``HueyJobQueue.open``), for a process that will
+    use it (``serve``, ``worker``): one it cannot use stops the start. Otherwise huey is loaded
+    at the queue's first use, which most commands never make."""
     from selfie_lora.adapters.db.migrate import require_head, upgrade
     from selfie_lora.adapters.db.repository import SqlRepository
     from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter
@@ -515,6 +519,12 @@ def build_services(
     repo = SqlRepository(engine)
     blobs = blobs if blobs is not None else default_blob_store(settings)
     queue = HueyJobQueue.from_url(settings.effective_queue_url, name=settings.queue_name)
+    if open_queue:
+        try:
+            queue.open()
+        except BaseException:
+            engine.dispose()
+            raise
     if telemetry is None:
         from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
 

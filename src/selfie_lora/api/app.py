@@ -103,7 +103,10 @@ def create_app(
     (``selfie-lora serve``); ``reconcile`` without it runs only the reconciler (``serve
     --no-worker``); ``collect_garbage`` lets that worker collect garbage when it is due; the
     services are built here unless given (tests)."""
-    svc = services or build_services(settings)
+    # Its queue built now: an app enqueues starts and /readyz asks it, so a queue it cannot
+    # use stops its start (``serve``'s one line) rather than leaving a server up that queues
+    # nothing.
+    svc = services or build_services(settings, open_queue=True)
     owns_services = services is None  # given ones are their caller's to close (tests)
 
     @asynccontextmanager

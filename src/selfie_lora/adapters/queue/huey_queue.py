@@ -135,6 +135,14 @@ class HueyJobQueue:
         published under ``_state``, which ``_release`` reads it under)."""
         return self._built()
 
+    def open(self) -> None:
+        """Builds its huey now rather than at the first use: a process that will use the queue
+        (``serve``, ``worker``: ``build_services(open_queue=True)``) then stops at its start on
+        one it cannot use (a queue file that is not SQLite's, a Redis URL option redis-py
+        refuses, the redis extra not installed), instead of running on and saying an outage at
+        every poll. Building connects to no Redis: one that is down is still a start."""
+        self._built()
+
     def _built(self) -> Huey:
         built = self._huey
         if built is not None:
