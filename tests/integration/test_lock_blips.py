@@ -23,7 +23,7 @@ from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import DatabaseLockedError
 from selfie_lora.services.layout import reference_key
 from selfie_lora.services.likeness import LikenessService
-from selfie_lora.services.ports import TrainingJob
+from selfie_lora.services.ports import GenerationJob, TrainingJob
 from selfie_lora.services.training import (
     CANCELED_MESSAGE,
     DATABASE_LOCKED,
@@ -203,6 +203,99 @@ def test_a_lock_that_never_ends_while_a_version_is_scored_ends_after_its_attempt
                 "was busy (a lock); you can compare it with the active version on the Versions "
                 "page") in reason, reason
         assert "selfie-lora compare" not in reason, reason
+    finally:
+        rig.services.close()
+
+
+def _kept_waiting(rig: _Rig, t: Training) -> bool:
+    """Whether the Versions page says ``t``'s version waits out a database lock to be scored
+    (``scoring_kept_waiting``, from the history the page reads)."""
+    history = rig.services.models.history(user=rig.user)
+    assert history is not None
+    assert t.version_id is not None
+    return t.version_id in rig.services.training.scoring_kept_waiting(history=history)
+
+
+def test_the_database_was_busy_is_not_said_while_the_next_attempt_scores_the_version(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Said while the attempt that stepped away on a lock waits, not once the next attempt
+    scores the version (rendering its probes: minutes on a GPU): the row keeps its
+    ``SCORING_LOCKED`` words until the training ends, and the page said "could not be scored
+    yet: the database was busy" all through that scoring (found in review)."""
+    try:
+        assert rig.train(0).status is TrainingStatus.SUCCEEDED
+        rig.locks = 1
+        second = rig.train(3)
+        assert second.error == SCORING_LOCKED, second.error
+        assert _kept_waiting(rig, second)
+        seen: list[tuple[bool, str | None, int]] = []
+        generate = rig.generator.generate
+
+        def rendering(job: GenerationJob) -> list[bytes | None]:
+            t = rig.training(second.id)
+            seen.append((_kept_waiting(rig, t), t.error, t.attempt))
+            return generate(job)
+
+        monkeypatch.setattr(rig.generator, "generate", rendering)
+        rig.clock.past(second)
+        rig.services.training.run(second.id)
+        # Its row said the lock all through (what the page went by), its next attempt scoring.
+        assert seen, "the next attempt rendered no probe"
+        assert all(error == SCORING_LOCKED and attempt == second.attempt + 1
+                   for _, error, attempt in seen), seen
+        assert not any(said for said, _, _ in seen), seen
+        assert rig.training(second.id).status is TrainingStatus.SUCCEEDED
+    finally:
+        rig.services.close()
+
+
+def test_a_scored_version_whose_verdict_write_a_lock_stopped_is_not_said_unscored(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock on the gate's verdict write after a scoring that succeeded leaves the row's
+    ``SCORING_LOCKED`` words too: the version's likeness is scored (the Likeness cell shows it),
+    so "could not be scored yet ... it is scored again shortly" is not said of it."""
+    try:
+        assert rig.train(0).status is TrainingStatus.SUCCEEDED
+        apply = LikenessService.apply_verdict
+        left = [1]
+
+        def apply_verdict(service: LikenessService, tx: object, verdict: object) -> object:
+            if rig.scoring and left[0]:
+                left[0] -= 1
+                raise DatabaseLockedError(LOCKED, lock=True)
+            return apply(service, tx, verdict)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(LikenessService, "apply_verdict", apply_verdict)
+        second = rig.train(3)
+        assert second.error == SCORING_LOCKED, second.error
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.PENDING
+        record = rig.services.repo.get_likeness(version.id)
+        assert record is not None
+        assert record.status is LikenessStatus.SCORED
+        assert not _kept_waiting(rig, second)
+    finally:
+        rig.services.close()
+
+
+def test_a_version_judged_without_scores_next_is_not_said_to_be_scored_again(
+        rig: _Rig) -> None:
+    """A lock that lasts: each attempt that stepped away is said to wait for the database,
+    but not the last, whose next attempt judges the version without scores (its scoring's
+    attempts spent): "it is scored again shortly" would not come true."""
+    try:
+        assert rig.train(0).status is TrainingStatus.SUCCEEDED
+        rig.locks = -1
+        second = rig.train(3)
+        said = []
+        while not second.status.is_terminal and len(said) < 10:
+            said.append(_kept_waiting(rig, second))
+            rig.clock.past(second)
+            rig.services.training.run(second.id)
+            second = rig.training(second.id)
+        attempts = rig.services.training.lease.max_attempts
+        assert said == [True] * (attempts - 1) + [False], said
+        assert rig.version(second).gate_status is GateStatus.HELD
     finally:
         rig.services.close()
 

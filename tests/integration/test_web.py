@@ -36,6 +36,7 @@ from selfie_lora.api.app import create_app
 from selfie_lora.api.server_errors import server_error_sentence
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus, User, Version
+from selfie_lora.domain.likeness import LOCKED_AWAY_KEY, LikenessStatus
 from selfie_lora.domain.plan import (
     DEFAULT_LORA_SCALE,
     LORA_SCALE_MAX,
@@ -2735,8 +2736,14 @@ def test_a_version_whose_scoring_a_lock_stopped_says_the_database_was_busy(
     svc.repo.set_version_gate(v2.id, status=GateStatus.PENDING, reason=None, details={})
     done = svc.repo.get_training(v2.training_id)
     assert done is not None
+    # The attempt that stepped away on the lock noted, as ``_step_away`` does; its likeness
+    # not scored (one scored is not scored again).
+    record = svc.repo.get_likeness(v2.id)
+    if record is not None:
+        svc.repo.save_likeness(replace(record, status=LikenessStatus.PENDING))
     stepped_away = replace(done, status=TrainingStatus.PROCESSING, completed_at=None,
-                           error=SCORING_LOCKED)
+                           error=SCORING_LOCKED,
+                           metrics={**done.metrics, LOCKED_AWAY_KEY: done.attempt})
     svc.repo.save_training(stepped_away)
 
     def use_words() -> tuple[str, str, str]:
@@ -2754,7 +2761,8 @@ def test_a_version_whose_scoring_a_lock_stopped_says_the_database_was_busy(
     assert "could not be scored yet (the database was busy)" in dialog, dialog
     assert "still being scored" not in dialog, dialog
     assert box == "Yes, use version 2 although its likeness could not be scored yet"
-    svc.repo.save_training(replace(stepped_away, error=None))  # its next attempt scores it
+    # Its next attempt claims it and scores it: the row's words stay until it ends.
+    svc.repo.save_training(replace(stepped_away, attempt=stepped_away.attempt + 1))
     page, dialog, box = use_words()
     assert "the database was busy" not in page
     assert "still being scored" in dialog, dialog

@@ -104,7 +104,7 @@ from selfie_lora.domain.lease import (
     wait_text,
     waited_for_room_since,
 )
-from selfie_lora.domain.likeness import LOCKED_AWAY_KEY, trainer_metrics
+from selfie_lora.domain.likeness import LOCKED_AWAY_KEY, LikenessStatus, trainer_metrics
 from selfie_lora.domain.plan import (
     TrainingDefaults,
     TrainingPlan,
@@ -784,12 +784,34 @@ class TrainingService:
 
     def scoring_kept_waiting(self, *, history: ModelHistory) -> frozenset[str]:
         """The ids of ``history``'s versions whose scoring a database lock stopped, waiting for
-        their training's next attempt (its row's ``SCORING_LOCKED``, the step-away's words): a
-        page says of them that the database was busy, not that they are "still being scored",
-        which read as work going on when none was."""
-        return frozenset(t.version_id for t in history.trainings
-                         if t.version_id is not None and not t.status.is_terminal
-                         and t.error == SCORING_LOCKED)
+        their training's next attempt to score them: a page says of them that the database was
+        busy, not that they are "still being scored", which read as work going on when none
+        was.
+
+        Not by the row's words alone (``SCORING_LOCKED``): they stay until the version is
+        stored, so they were said while the next attempt scored it, or after its worker died.
+        Only the attempt that stepped away on the lock (``LOCKED_AWAY_KEY``), before any worker
+        claims it again. Nor a version already scored (a lock on the gate's verdict write: it
+        is not scored again) or whose next attempt judges it without scores (its scoring's
+        attempts spent): "scored again shortly" would be a false promise."""
+        versions = {v.id: v for v in history.versions}
+        kept = set()
+        for t in history.trainings:
+            version = versions.get(t.version_id) if t.version_id is not None else None
+            if (version is None or t.status.is_terminal or t.error != SCORING_LOCKED
+                    or t.metrics.get(LOCKED_AWAY_KEY) != t.attempt):
+                continue
+            record = history.records.get(version.id)
+            if record is not None and record.status is LikenessStatus.SCORED:
+                continue
+            at_store = int(version.gate_details.get(RECOVERIES_WHEN_STORED, 0))
+            # The next claim counts the step-away as a stop (its owner stays): judged without
+            # scores then when that reaches the scoring's attempts.
+            if (scoring_stops(t, recoveries_when_stored=at_store) + 1
+                    >= self.lease.max_attempts):
+                continue
+            kept.add(version.id)
+        return frozenset(kept)
 
     def view(self, training: Training, *, version: Version | None = None) -> TrainingView:
         if version is None and training.version_id:
