@@ -731,6 +731,41 @@ def test_an_unjudged_version_s_alert_outlives_a_sender_that_dies_before_sending_
         rig.services.close()
 
 
+def test_the_reconcile_pass_sends_a_bounded_number_of_unjudged_alerts(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reconcile pass holds every version left undecided but sends at most
+    ``_UNDECIDED_SENDS`` of their alerts (as ``deliver_due_alerts`` caps its own): an endpoint
+    slow to answer, not down, cost one send of the alert timeout each, up to the batch's 50 in
+    one pass. The rest stay claimed, then due, and a later round sends each once."""
+    try:
+        second = _ended_unjudged(rig, monkeypatch, hold_locked=True)
+        with monkeypatch.context() as m:
+            def locked(service: LikenessService, tx: object, version_id: str,
+                       **kw: object) -> None:
+                raise DatabaseLockedError(LOCKED, lock=True)
+
+            m.setattr(LikenessService, "hold_unjudged", locked)
+            third = rig.train(6)
+            attempts = rig.services.training.lease.max_attempts
+            third, holds = _holds(rig, third, runs=3 * attempts)
+        assert third.status is TrainingStatus.SUCCEEDED, (holds, third.error)
+        versions = [rig.version(second), rig.version(third)]
+        assert all(v.gate_status is GateStatus.PENDING for v in versions)
+        monkeypatch.setattr("selfie_lora.services.training._UNDECIDED_SENDS", 1)
+        rig.services.training.reconcile()
+        versions = [rig.version(second), rig.version(third)]
+        assert all(v.gate_status is GateStatus.HELD for v in versions)
+        assert len(rig.alerter.sent) == 1, rig.alerter.sent
+        later = datetime.now(UTC) + alerts.CLAIM + timedelta(seconds=2)
+        monkeypatch.setattr(rig.services.likeness, "_clock", lambda: later)
+        rig.services.likeness.deliver_due_alerts()
+        rig.services.likeness.deliver_due_alerts()
+        assert sorted(a["version_id"] for a in rig.alerter.sent) == sorted(
+            v.id for v in versions), rig.alerter.sent
+    finally:
+        rig.services.close()
+
+
 def test_a_user_s_cancel_with_the_version_s_rows_locked_is_not_refused(
         rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """The user's cancel of a training nobody holds, its stored version's rows locked: ended

@@ -334,6 +334,10 @@ def mismatch_alert_text(*, user_name: str, version_number: int, message: str,
 
 # The training log's page (GET /api/model/log) when no limit is asked for.
 LOG_PAGE = 50
+# How many alerts a reconcile pass sends in one go, each up to the alert timeout against a slow
+# endpoint (5 s by default): the rest stay claimed, then due, for the next passes, so that a
+# pass does not run on much past a worker's stop grace (30 s).
+ALERTS_PER_PASS = 10
 
 
 @dataclass(frozen=True)
@@ -728,7 +732,7 @@ class LikenessService:
         # What the round goes on from is how this endpoint answered, recorded or not.
         return bool(delivery["delivered"])
 
-    def deliver_due_alerts(self, *, limit: int = 10) -> int:
+    def deliver_due_alerts(self, *, limit: int = ALERTS_PER_PASS) -> int:
         """Send the alerts that are due: those whose sender died before sending, and failed
         deliveries whose next attempt has come; how many were tried. Called by every
         reconciler: each alert is claimed first, so one process sends it. A failure ends the

@@ -167,6 +167,7 @@ from selfie_lora.services.common import (
 from selfie_lora.services.intake import IntakeService, PreparedDataset
 from selfie_lora.services.layout import manifest_key, photo_key, weights_key
 from selfie_lora.services.likeness import (
+    ALERTS_PER_PASS,
     BaselinePhotosUnreadableError,
     GateVerdict,
     LikenessService,
@@ -356,6 +357,10 @@ class NextPin(PinFacts):
 # holds at most (the rest wait for the next).
 LEFT_UNDECIDED = "its training ended before the gate could decide"
 _UNDECIDED_BATCH = 50
+# How many of their alerts a pass sends as it holds them, as ``deliver_due_alerts`` caps its
+# own: an endpoint slow to answer (not down, which ends the sends) took up to the batch's 50
+# sends of the alert timeout each, minutes, past the worker's stop grace.
+_UNDECIDED_SENDS = ALERTS_PER_PASS
 
 
 @dataclass(frozen=True)
@@ -1135,6 +1140,7 @@ class TrainingService:
         only (``atomic_briefly``), and the first one still locked ends the part until the next
         pass (the others likely wait on the same lock: each would cost the pass its wait)."""
         sending = True  # until a delivery fails: the endpoint is likely down for the rest too
+        sent = 0
         for version, t in self._repo.undecided_versions_of_ended_trainings(limit=_UNDECIDED_BATCH):
             alert = None
             try:
@@ -1155,8 +1161,10 @@ class TrainingService:
                             version.number, t.id)
             # One not sent now stays claimed, and is due once its claim runs out (a later
             # round's ``deliver_due_alerts``), as a dead sender's: each send to an endpoint
-            # that is down would cost this pass its deadline.
-            if alert is not None and sending:
+            # that is down would cost this pass its deadline, and one slow to answer too past
+            # ``_UNDECIDED_SENDS`` of them.
+            if alert is not None and sending and sent < _UNDECIDED_SENDS:
+                sent += 1
                 sending = self._likeness.deliver_alert(alert)
 
     def _recover_trainings(self, *, dead_owners: Sequence[str], enqueued: list[str],
