@@ -13,6 +13,7 @@ import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -878,27 +879,64 @@ def _canceled_kept(rig: _Rig, t: Training, holds: list[timedelta], *, first: Tra
     assert model.active_version_id == first.version_id  # never activated
 
 
+def _canceled_around_the_unjudged_hold(rig: _Rig, monkeypatch: pytest.MonkeyPatch, *,
+                                       after: bool) -> Version:
+    """A first training succeeded, a second ended by the judging without scores (a lock on its
+    verdict's write that never ends) with its user's cancel committed just before its version's
+    hold (PostgreSQL's: or while that hold waits on the version's rows, which the hold's read
+    of the training after that wait sees) or, ``after``, once the hold is committed: the
+    training ended canceled, the version kept and held; the version."""
+    first = rig.train(0)
+    assert first.status is TrainingStatus.SUCCEEDED, first.error
+    _verdicts_locked(rig, monkeypatch)
+    hold_apart = TrainingService._hold_apart
+    second = rig.train(3)
+
+    def canceling(service: TrainingService, training_id: str, version_id: str,
+                  **kw: Any) -> object:
+        if not after:
+            rig.services.repo.request_cancel(training_id)
+        alert = hold_apart(service, training_id, version_id, **kw)
+        if after:
+            rig.services.repo.request_cancel(training_id)
+        return alert
+
+    monkeypatch.setattr(TrainingService, "_hold_apart", canceling)
+    attempts = rig.services.training.lease.max_attempts
+    second, holds = _holds(rig, second, runs=3 * attempts)
+    _canceled_kept(rig, second, holds, first=first, gate=GateStatus.HELD)
+    return rig.version(second)
+
+
 def test_a_cancel_asked_while_an_unjudged_version_is_held_ends_the_training_canceled(
         rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """The user's cancel committed while the judging without scores' end waits on its version's
     hold: the training ends canceled, as the gate's own end does, not succeeded after the cancel
-    was answered as asked."""
+    was answered as asked; the version is held as a canceled training's. (Its cancel was asked
+    inside the hold's transaction before: the hold now rolls that transaction back on a cancel,
+    as it would a cancel another connection committed.)"""
     try:
-        first = rig.train(0)
-        assert first.status is TrainingStatus.SUCCEEDED, first.error
-        _verdicts_locked(rig, monkeypatch)
-        hold = LikenessService.hold_unjudged
-        second = rig.train(3)
+        version = _canceled_around_the_unjudged_hold(rig, monkeypatch, after=False)
+        # Its owner asked for the end: no alert nor an unjudged reason (before, both, against
+        # the README).
+        assert "was canceled" in (version.gate_reason or ""), version.gate_reason
+        assert version.alert is None, version.alert
+        rig.services.training.reconcile()
+        assert not rig.alerter.sent, rig.alerter.sent
+    finally:
+        rig.services.close()
 
-        def hold_unjudged(service: LikenessService, tx: object, version_id: str,
-                          **kw: str) -> None:
-            tx.request_cancel(second.id)  # type: ignore[attr-defined]  # asked during its wait
-            hold(service, tx, version_id, **kw)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(LikenessService, "hold_unjudged", hold_unjudged)
-        attempts = rig.services.training.lease.max_attempts
-        second, holds = _holds(rig, second, runs=3 * attempts)
-        _canceled_kept(rig, second, holds, first=first, gate=GateStatus.HELD)
+def test_a_cancel_asked_once_an_unjudged_version_is_held_leaves_its_alert(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's cancel committed after the judging without scores' end held the version
+    unjudged (its alert recorded with the hold): the training ends canceled, and the alert,
+    decided before the cancel, is sent once, as the README says."""
+    try:
+        version = _canceled_around_the_unjudged_hold(rig, monkeypatch, after=True)
+        assert "could not judge" in (version.gate_reason or ""), version.gate_reason
+        rig.services.training.reconcile()
+        assert [a["version_id"] for a in rig.alerter.sent] == [version.id], rig.alerter.sent
     finally:
         rig.services.close()
 

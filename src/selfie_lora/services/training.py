@@ -375,6 +375,11 @@ class _ReplayedWebhookError(Exception):
     """Leaves the transaction of a webhook whose id was recorded before (nothing written)."""
 
 
+class _CanceledMeanwhileError(Exception):
+    """Leaves the transaction of an unjudged version's hold (its alert and log entry undone)
+    whose training's user asked to cancel it meanwhile: it is held as canceled instead."""
+
+
 class TrainingService:
     def __init__(
         self,
@@ -2132,6 +2137,15 @@ class TrainingService:
                     self._likeness.hold_canceled(tx, version_id)
                     return None
                 hold = self._likeness.hold_unjudged(tx, version_id, why=why)
+                # A cancel asked before this hold, or while it waited for the version's rows:
+                # the training then ends canceled, and its owner, who asked for the end, gets
+                # no alert (read after the hold's wait, which a cancel may land in). One asked
+                # after this read finds the version held unjudged: its alert stands (README).
+                current = tx.get_training(training_id)
+                if current is not None and current.cancel_requested:
+                    raise _CanceledMeanwhileError
+        except _CanceledMeanwhileError:
+            return self._hold_apart(training_id, version_id, canceled=True)
         except StorageError as exc:
             # Still pending (the gate never activates it once its training has ended): its
             # owner can activate it, or compare it, on the Versions page as any version.
