@@ -728,6 +728,63 @@ def test_an_unjudged_version_s_alert_outlives_a_sender_that_dies_before_sending_
         assert version.id not in rig.services.repo.due_alerts(now, limit=10)
         after_claim = now + alerts.CLAIM + timedelta(seconds=1)
         assert version.id in rig.services.repo.due_alerts(after_claim, limit=10)
+        # Sent by a later round, once: not again by the next one.
+        _sent_once_after_the_claim(rig, monkeypatch, version)
+    finally:
+        rig.services.close()
+
+
+def _sent_once_after_the_claim(rig: _Rig, monkeypatch: pytest.MonkeyPatch,
+                               version: Version) -> None:
+    """``version``'s alert, claimed by a process that died, not sent yet: a reconciler's round
+    past the claim sends it, the next one not again; and its ``gate_held`` entry is there once."""
+    rig.services.training.reconcile()  # the claim still holds
+    assert not rig.alerter.sent, rig.alerter.sent
+    later = datetime.now(UTC) + alerts.CLAIM + timedelta(seconds=2)
+    monkeypatch.setattr(rig.services.likeness, "_clock", lambda: later)
+    assert rig.services.likeness.deliver_due_alerts() == 1
+    assert rig.services.likeness.deliver_due_alerts() == 0
+    assert [a["version_id"] for a in rig.alerter.sent] == [version.id], rig.alerter.sent
+    recorded = rig.services.repo.get_version(version.id)
+    assert recorded is not None
+    _said_held(rig, recorded)
+
+
+def test_an_unjudged_version_s_alert_outlives_a_death_before_its_training_s_end(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process dies between the judging without scores' end holding the version (its alert
+    recorded, claimed) and that training's end: the next attempt ends the training without a
+    second hold, alert or entry, and a reconciler sends the alert once its claim runs out."""
+    try:
+        assert rig.train(0).status is TrainingStatus.SUCCEEDED
+        _verdicts_locked(rig, monkeypatch)
+        hold_apart = TrainingService._hold_apart
+        died: list[object] = []
+
+        def then_died(service: TrainingService, training_id: str, version_id: str,
+                      **kw: Any) -> object:
+            alert = hold_apart(service, training_id, version_id, **kw)
+            if not died:
+                died.append(alert)
+                raise SimulatedCrash("died after the hold committed")
+            return alert
+
+        monkeypatch.setattr(TrainingService, "_hold_apart", then_died)
+        second = rig.train(3)
+        attempts = rig.services.training.lease.max_attempts
+        for _ in range(4 * attempts):
+            if second.status.is_terminal:
+                break
+            rig.clock.past(second)
+            with contextlib.suppress(SimulatedCrash):  # its lease then runs out
+                rig.services.training.run(second.id)
+            second = rig.training(second.id)
+        assert died, "the hold was never reached"
+        assert died[0] is not None  # it claimed the alert
+        assert second.status is TrainingStatus.SUCCEEDED, second.error
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD
+        _sent_once_after_the_claim(rig, monkeypatch, version)
     finally:
         rig.services.close()
 
