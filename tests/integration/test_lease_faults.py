@@ -814,6 +814,9 @@ def test_a_training_that_succeeds_after_a_database_blink_while_scored_says_no_er
     assert (final.status, final.attempt, final.version_id) == (
         TrainingStatus.SUCCEEDED, 2, waiting.version_id)
     assert final.error is None  # DATABASE_UNREACHABLE on the previous code
+    # The cut connection's path (an outage, waited out uncounted), not a plain StorageError's
+    # (counted: the fake's old error, which these assertions alone did not tell apart).
+    assert final.recoveries == 0, final
 
 
 def test_a_scoring_step_away_of_a_remote_training_is_not_held_back(machine: Machine) -> None:
@@ -840,6 +843,8 @@ def test_a_scoring_step_away_of_a_remote_training_is_not_held_back(machine: Mach
     worker.run(training_id, owner="B")
     final = row(svc, training_id)
     assert (final.status, final.attempt, final.error) == (TrainingStatus.SUCCEEDED, 2, None)
+    # The cut connection's path, uncounted (see the test above): a plain StorageError counted.
+    assert final.recoveries == 0, final
 
 
 class FlakyPhotos(FileSystemBlobStore):
