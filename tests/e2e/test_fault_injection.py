@@ -111,6 +111,10 @@ def test_a_training_whose_worker_died_is_canceled_even_with_no_worker_left(
             tmp_path / "home", SELFIE_LORA_TRAINER="replicate",
             REPLICATE_API_TOKEN=standin.token, SELFIE_LORA_REPLICATE_BASE_URL=standin.base_url,
             SELFIE_LORA_REPLICATE_OWNER=owner, SELFIE_LORA_REPLICATE_POLL_INTERVAL="0.2",
+            # A dead holder is one silent for 3 heartbeats: 6 s at these (15 s by default, then
+            # up to a 10 s reconciler round, both sat out), still far past the moment the cancel
+            # below is asked, so that the reconciler, not the cancel itself, ends it.
+            SELFIE_LORA_HEARTBEAT_SECONDS="2", SELFIE_LORA_RECONCILE_SECONDS="1",
         )
         ann = make_users(env, "ann")["ann"]  # set-up, as in the test above
         port = free_port()
@@ -137,7 +141,7 @@ def test_a_training_whose_worker_died_is_canceled_even_with_no_worker_left(
                 assert r.status_code == 200, r.text
                 asked = time.monotonic()
                 while (t := r.json()["training"])["status"] != "canceled":
-                    # default settings: silent for 3 heartbeats (15 s), then a reconciler round
+                    # silent for 3 heartbeats (6 s), then a reconciler round (1 s)
                     assert time.monotonic() - asked < 45, t
                     time.sleep(0.5)
                     r = client.get("/api/training/progress", headers=ann)
