@@ -20,7 +20,7 @@ import pytest
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.wiring import build_services
-from tests.e2e.conftest import ignores_sigterm, outside_env
+from tests.e2e.conftest import ignores_sigterm, make_users, outside_env
 from tests.support.photos import copy_person_photos
 
 pytestmark = pytest.mark.slow
@@ -37,9 +37,9 @@ def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
     env = outside_env()
     env.update({"SELFIE_LORA_HOME": str(home), "SELFIE_LORA_LOCAL_ISOLATION": "process",
                 "OMP_NUM_THREADS": "1", "SELFIE_LORA_MIN_PHOTOS": "3"})
-    created = subprocess.run([CLI, "users", "create", "ann"], env=env, capture_output=True,
-                             text=True, timeout=120, check=False)
-    assert created.returncode == 0, created.stderr
+    # Ann by the service that ``users create`` calls, in this process: set-up here (a command
+    # process, ~1.3 s of CPU, its imports mostly; the command is run by test_cli_worker).
+    make_users(env, "ann")
     photos = copy_person_photos(tmp_path / "photos")
     services = build_services(Settings(home=home), trainers={}, generators={})
     try:
