@@ -27,6 +27,7 @@ from tests.e2e.conftest import (
     clean_env,
     create_user,
     free_port,
+    make_users,
     run_cli,
     wait_training,
 )
@@ -240,7 +241,10 @@ def test_serve_replicate_backend_with_webhooks(
             SELFIE_LORA_PUBLIC_URL=public_url,
             SELFIE_LORA_WEBHOOK_SECRET=secret,
         )
-        ann = create_user(env, "ann")
+        # Set-up here, by the service that ``users create`` calls, in this process (a command
+        # process took ~1.3 s of CPU, its imports mostly): the command is run by the tests above
+        # and below.
+        ann = make_users(env, "ann")["ann"]
         server = serve(env, port=port)
 
         with httpx.Client(base_url=server.base_url, timeout=60.0) as client:
