@@ -410,11 +410,12 @@ def serve(
                             "keep 1 with a local FLUX.1 on a GPU.")] = 1,
 ) -> None:
     """The web app and the HTTP API, with a background worker, in one process."""
+    # Read first: an invalid setting is said before the web app's imports (~1 s of CPU).
+    settings = _settings()
     from selfie_lora.api.app import create_app
     from selfie_lora.api.server import listening_socket, run_server, run_server_processes
     from selfie_lora.wiring import open_database, using_home
 
-    settings = _settings()
     if processes == 1:
         # Before the app starts and before the address is said: uvicorn bound it only after
         # both, so a taken port announced the other program's server, then exited 3.
@@ -498,10 +499,10 @@ def worker_cmd(
         help="Trainings run at once (default: SELFIE_LORA_WORKER_THREADS).")] = None,
 ) -> None:
     """A queue worker only (the scale path)."""
+    settings = _settings()  # before the imports, as in ``serve``
     from selfie_lora.wiring import build_services, using_home
     from selfie_lora.worker import run_worker
 
-    settings = _settings()
     with _starting(settings):
         # Until this command ends: no restore meanwhile. Before the database is opened (and
         # migrated): one started during a restore is refused without touching it.
