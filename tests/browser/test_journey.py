@@ -2,8 +2,8 @@
 for real in a child process): sign in, upload photos (one of another person among them is left
 out, with its advice next to its thumbnail), train and watch it end, set the LoRA scale, retrain,
 see both versions and their comparison grid, roll back, download the LoRA (its sha256 is the
-API's), generate. Then the same pages at phone width, and another user who gets 404 for all of
-the first one's things."""
+API's), generate. Then another user who gets 404 for all of the first one's things. (The upload
+and the same pages at phone width: test_photos_page, on its file's shared server.)"""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from tests.browser.support import PASSWORD, create, sign_in
-from tests.e2e.conftest import ServeProcess, clean_env, make_users, run_cli
-from tests.support.photos import FIXTURES, real_photo_zip
+from tests.e2e.conftest import ServeProcess, clean_env, make_users
+from tests.support.photos import FIXTURES
 
 pytestmark = pytest.mark.slow
 
@@ -172,35 +172,3 @@ def test_the_whole_journey_in_a_browser(chromium: Any, tmp_path: Path,
     assert "No versions yet" in bob.goto(f"{base}/versions").text()
     other.close()
 
-
-def test_the_upload_page_at_phone_width(chromium: Any, tmp_path: Path,
-                                        serve: Callable[..., ServeProcess]) -> None:
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    create(env, "ann")
-    server = serve(env)
-    context = chromium.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
-                                   has_touch=True)
-    page = context.new_page()
-    sign_in(page, server.base_url, "ann")
-    page.goto(f"{server.base_url}/photos")
-    # A zip this time (as a phone's share sheet sends): the kept photos are shown from the
-    # server, since the page cannot see inside the zip.
-    archive = tmp_path / "selfies.zip"
-    archive.write_bytes(real_photo_zip(PHOTOS))
-    page.set_input_files("#files", str(archive))
-    page.get_by_role("button", name="Check and upload").click()
-    page.locator("#report .report").wait_for(timeout=60_000)
-    kept = page.locator('.photo.kept[data-photo-name="obama.jpg"] img')
-    assert (kept.get_attribute("src") or "").startswith("/photos/")
-    assert page.evaluate("""() => document.querySelector(
-        '.photo.kept[data-photo-name="obama.jpg"] img').naturalWidth""") > 0
-    assert page.locator('.photo.left-out[data-photo-name="biden.jpg"] .advice').count() >= 1
-    for path in ("/photos", "/train", "/versions", "/generate", "/model", "/settings"):
-        if path != "/photos":
-            page.goto(server.base_url + path)
-        width = page.evaluate("() => document.documentElement.scrollWidth")
-        assert width <= 390, (path, width)  # nothing wider than the phone
-    page.goto(f"{server.base_url}/photos")
-    assert page.get_by_role("button", name="Check and upload").is_visible()
-    context.close()
-    assert run_cli(["users", "keys", "list", "ann"], env).returncode == 0
