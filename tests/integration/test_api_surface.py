@@ -182,7 +182,7 @@ def test_the_docs_pages_are_sent_with_the_pages_security_headers(client: TestCli
     """/docs and /redoc (FastAPI's pages, served by fastapi_offline) came with none of the
     headers every page gets: no CSP, no frame protection, no nosniff, and no lang on <html>
     (a11y and headers review). They have them now; the CSP allows each inline script of the
-    page by its hash, never 'unsafe-inline' for scripts (tests/browser/test_docs_pages.py:
+    page by its hash, never 'unsafe-inline' for scripts (tests/browser/test_forms.py:
     the pages still work under it)."""
     page = client.get(path)
     assert page.status_code == 200
