@@ -1,5 +1,6 @@
-"""What a click on the pages does in Chromium: an upload clicked twice, and the picture the
-Generate button makes with the scale the slider shows."""
+"""What a click on the pages does in Chromium: the picture the Generate button makes with the
+scale the slider shows. (An upload clicked twice: test_photos_page, on its file's shared
+server.)"""
 
 from __future__ import annotations
 
@@ -11,35 +12,10 @@ import httpx
 import pytest
 
 from selfie_lora.domain.plan import lora_scale_text
-from tests.browser.support import PASSWORD, Account, sign_in, upload_photos
+from tests.browser.support import PASSWORD, sign_in, upload_photos
 from tests.e2e.conftest import ServeProcess, clean_env, make_users, wait_training
-from tests.support.photos import FIXTURES
 
 pytestmark = pytest.mark.slow
-
-PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg")
-
-
-def test_a_double_clicked_upload_is_sent_once(chromium: Any, account: Account) -> None:
-    """"Check and upload" stayed clickable while its upload ran: a double click sent two, and
-    the server checked and stored the set twice (found in review). The button is disabled
-    until the answer, and a second submit meanwhile sends nothing."""
-    # The file's shared server (``serve --no-worker``, the local tiny model), as this test's own
-    # was, and a user made in this process.
-    server = account.server
-    page = chromium.new_context().new_page()
-    sign_in(page, server.base_url, account.name, "/photos")
-    uploads: list[str] = []
-    page.on("request", lambda request: uploads.append(request.url)
-            if request.method == "POST" and request.url.endswith("/photos/upload") else None)
-    page.set_input_files("#files", [str(FIXTURES / name) for name in PHOTOS])
-    page.locator("#send").dblclick()
-    page.wait_for_function("() => document.getElementById('upload-status').textContent "
-                           ".startsWith('Done')", timeout=90_000)
-    page.wait_for_timeout(1000)  # a second upload, had one been sent, has been seen by now
-    assert len(uploads) == 1, server.why(f"{len(uploads)} uploads sent")
-    assert page.locator("#send").is_enabled()  # back for the next upload
-
 
 def test_generate_uses_the_scale_the_slider_shows_without_saving_it(
         chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:

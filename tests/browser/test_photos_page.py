@@ -17,6 +17,9 @@ from tests.support.photos import FIXTURES, real_photo_zip
 
 pytestmark = pytest.mark.slow
 
+# Three photos of one person: a set that can be trained.
+PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg")
+
 # The size of the picture at an image's address, once loaded.
 PICTURE_SIZE = """(url) => new Promise((done) => { const image = new Image();
     image.onload = () => done([image.naturalWidth, image.naturalHeight]); image.src = url; })"""
@@ -243,7 +246,7 @@ def test_the_upload_page_at_phone_width(chromium: Any, account: Account, tmp_pat
     # A zip this time (as a phone's share sheet sends): the kept photos are shown from the
     # server, since the page cannot see inside the zip.
     archive = tmp_path / "selfies.zip"
-    archive.write_bytes(real_photo_zip(("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")))
+    archive.write_bytes(real_photo_zip((*PHOTOS, "biden.jpg")))
     page.set_input_files("#files", str(archive))
     page.get_by_role("button", name="Check and upload").click()
     page.locator("#report .report").wait_for(timeout=60_000)
@@ -261,3 +264,25 @@ def test_the_upload_page_at_phone_width(chromium: Any, account: Account, tmp_pat
     assert page.get_by_role("button", name="Check and upload").is_visible()
     context.close()
     assert run_cli(["users", "keys", "list", account.name], server.env).returncode == 0
+
+
+def test_a_double_clicked_upload_is_sent_once(chromium: Any, account: Account) -> None:
+    """"Check and upload" stayed clickable while its upload ran: a double click sent two, and
+    the server checked and stored the set twice (found in review). The button is disabled
+    until the answer, and a second submit meanwhile sends nothing."""
+    # The file's shared server (``serve --no-worker``, the local tiny model), as this test's own
+    # was, and a user made in this process. It was test_page_actions', whose other test has a
+    # server of its own with a worker: that file started two servers.
+    server = account.server
+    page = chromium.new_context().new_page()
+    sign_in(page, server.base_url, account.name, "/photos")
+    uploads: list[str] = []
+    page.on("request", lambda request: uploads.append(request.url)
+            if request.method == "POST" and request.url.endswith("/photos/upload") else None)
+    page.set_input_files("#files", [str(FIXTURES / name) for name in PHOTOS])
+    page.locator("#send").dblclick()
+    page.wait_for_function("() => document.getElementById('upload-status').textContent "
+                           ".startsWith('Done')", timeout=90_000)
+    page.wait_for_timeout(1000)  # a second upload, had one been sent, has been seen by now
+    assert len(uploads) == 1, server.why(f"{len(uploads)} uploads sent")
+    assert page.locator("#send").is_enabled()  # back for the next upload
