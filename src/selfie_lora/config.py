@@ -396,6 +396,10 @@ class Settings(BaseSettings):
     sign_in_max_failures: int = Field(default=5, ge=1, le=1000)
     sign_in_window_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
     sign_up_max_attempts: int = Field(default=5, ge=1, le=1000)
+    # How often the Train page asks for a running training's figures (seconds): once a second
+    # is what a person watching needs; the browser tests set less, where a test waits for a
+    # number of polls or for one that shows a change.
+    page_poll_seconds: float = Field(default=1.0, ge=0.1, le=60)
     # How long a rotated API key keeps working, so that a client that lost the rotation's answer
     # can ask again with it (0: it stops at once; revoking a key always stops it at once).
     key_rotation_grace_minutes: float = Field(default=10.0, ge=0, le=24 * 60)

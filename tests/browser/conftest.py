@@ -58,7 +58,11 @@ _NAMES = itertools.count(1)
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     folder = tmp_path_factory.mktemp("shared-serve")
-    env = clean_env(folder / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
+    # The Train page polls 4 times a second, not once: its tests wait for a number of polls,
+    # or for the one that shows a change, and sat out a second for each. test_journey's own
+    # server keeps the default.
+    env = clean_env(folder / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny",
+                    SELFIE_LORA_PAGE_POLL_SECONDS="0.25")
     with servers(folder) as start:
         yield start(env, args=("--no-worker",))
 

@@ -3968,6 +3968,26 @@ def test_a_session_ending_while_the_train_page_polls_says_so_on_the_sign_in_page
     assert "not-done-note" not in ann.get("/signin?next=/train").text  # said once
 
 
+def test_the_train_page_polls_a_running_training_at_the_interval_set(tmp_path: Path) -> None:
+    """The Train page polled every second, fixed: the browser tests waited out a second for
+    each poll they counted. SELFIE_LORA_PAGE_POLL_SECONDS sets it (1 by default, written as
+    before)."""
+    for seconds, trigger in ((None, 'hx-trigger="every 1s"'),
+                             (0.25, 'hx-trigger="every 0.25s"')):
+        settings = make_settings(tmp_path / str(seconds), **(
+            {} if seconds is None else {"page_poll_seconds": seconds}))
+        services = fake_services(settings)
+        with closing(services), browser(settings, services) as client:
+            services.users.create(name="ann", password=PASSWORD)
+            sign_in(client, "ann")
+            assert upload(client)[0] == 200
+            queue_a_training(services, "ann")
+            for page in ("/train", "/train/status"):
+                figures = re.search(r'<div id="status-figures"[^>]*>', client.get(page).text)
+                assert figures, page
+                assert trigger in figures.group(0), (seconds, figures.group(0))
+
+
 def test_the_generation_that_takes_the_focus_after_a_delete_is_described_by_the_notice(
         ann: TestClient) -> None:
     """Back from a Delete the next generation takes the focus, but "Generation deleted." was

@@ -175,6 +175,9 @@ class Web:
         # FORWARDED_ALLOW_IPS) left them without it, free to leak over plain http.
         self.https_only = urlsplit(settings.public_url or "").scheme == "https"
         self.env = page_templates()
+        # htmx's interval for the Train page's poll ("1" for the default second, as it was): in
+        # each page's context, not on the environment, which every app of the process shares.
+        self.page_poll = f"{settings.page_poll_seconds:g}"
 
     # ------------------------------------------------------------------ sessions
     def viewer(self, request: Request) -> Viewer:
@@ -329,7 +332,8 @@ class Web:
             request=request, viewer=viewer, path=path, section=section_page(path),
             root=root_path(request.scope),
             csrf_token=viewer.session.csrf_token if viewer else None,
-            signup=self.services.users.signup_enabled, done_notice=done, **context)
+            signup=self.services.users.signup_enabled, done_notice=done,
+            page_poll=self.page_poll, **context)
         response = HTMLResponse(html, status_code=status_code)
         # The one-time cookies this page showed (``take_notice``, ``take_typed``, the done
         # notice above): not again on a reload. One place, not each page clearing its own. Not
