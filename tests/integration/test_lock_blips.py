@@ -998,6 +998,29 @@ def test_a_cancel_asked_once_an_unjudged_version_is_held_leaves_its_alert(
         rig.services.close()
 
 
+@pytest.mark.parametrize("after", [False, True])
+def test_the_likeness_alert_line_is_logged_only_for_a_hold_that_committed(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        after: bool) -> None:
+    """The operator's "likeness alert" line of an unjudged hold is written once the hold
+    committed: a cancel asked before the hold rolls it back (no alert recorded nor sent), and
+    the line, written inside that transaction before, told of an alert that never was. A cancel
+    asked once it committed leaves its alert, and its one line."""
+    try:
+        with caplog.at_level(logging.INFO, logger="selfie_lora"):
+            version = _canceled_around_the_unjudged_hold(rig, monkeypatch, after=after)
+        said = [r.getMessage() for r in caplog.records if "likeness alert" in r.getMessage()]
+        if after:
+            assert version.alert is not None
+            assert len(said) == 1, said
+            assert f"version {version.number} of model {version.model_id} held back" in said[0]
+        else:
+            assert version.alert is None, version.alert
+            assert said == [], said
+    finally:
+        rig.services.close()
+
+
 def test_a_cancel_with_the_version_s_rows_locked_for_good_ends_the_training(
         rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cancel asked of its worker while a lock that never ends sits on the version's rows

@@ -206,9 +206,20 @@ class GateVerdict:
 @dataclass(frozen=True)
 class UnjudgedHold:
     """A version ``hold_unjudged`` held: its alert claimed by this process, to deliver once the
-    hold committed (None: no alerter, the alert recorded, never sent)."""
+    hold committed (None: no alerter, the alert recorded, never sent), and the operator's log
+    line, to write once it committed too (``log``)."""
 
     alert: alerts.ClaimedAlert | None
+    version_number: int
+    model_id: str
+    reason: str
+
+    def log(self) -> None:
+        """The operator's "likeness alert" line, for the caller to write once the hold's
+        transaction committed: one written inside it stood for an alert never recorded when the
+        transaction was rolled back (a cancel asked before the hold, a failed commit)."""
+        logger.warning("likeness alert: version %d of model %s held back: %s",
+                       self.version_number, self.model_id, self.reason)
 
 
 @dataclass(frozen=True)
@@ -586,7 +597,8 @@ class LikenessService:
         when it was not (decided already, or gone). Unlike a canceled one (its owner asked for
         the end), its owner learns of it as of any version the gate held: the ``not_scored``
         alert, recorded and claimed as ``apply_verdict``'s (the returned hold's, to deliver
-        once ``tx`` committed), and the ``gate_held`` entry of the retraining log."""
+        once ``tx`` committed, and its log line, ``UnjudgedHold.log``, to write then too), and
+        the ``gate_held`` entry of the retraining log."""
         held = self._hold_undecided(tx, version_id, reason=UNJUDGED_REASON.replace("{why}", why),
                                     mark="unjudged")
         if held is None:
@@ -596,9 +608,8 @@ class LikenessService:
                                      message=reason, at=self._clock())
         self._gate_event(tx, version, status=GateStatus.HELD, baseline=None, reason=reason,
                          details={})
-        logger.warning("likeness alert: version %d of model %s held back: %s", version.number,
-                       version.model_id, reason)
-        return UnjudgedHold(alert=claimed)
+        return UnjudgedHold(alert=claimed, version_number=version.number,
+                            model_id=version.model_id, reason=reason)
 
     def _hold_undecided(self, tx: Repository, version_id: str, *, reason: str,
                         mark: str) -> tuple[Model, Version, str] | None:

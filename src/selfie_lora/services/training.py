@@ -1148,6 +1148,7 @@ class TrainingService:
         sent = 0
         for version, t in self._repo.undecided_versions_of_ended_trainings(limit=_UNDECIDED_BATCH):
             alert = None
+            hold = None
             try:
                 with self._repo.atomic_briefly() as tx:
                     if t.status is TrainingStatus.CANCELED:
@@ -1156,6 +1157,8 @@ class TrainingService:
                         hold = self._likeness.hold_unjudged(tx, version.id, why=LEFT_UNDECIDED)
                         held = hold is not None
                         alert = hold.alert if hold is not None else None
+                if hold is not None:
+                    hold.log()  # committed: its alert now stands
             except DatabaseLockedError as exc:
                 logger.info("reconcile: version %d of training %s still could not be held back "
                             "(%s); the next round tries again", version.number, t.id,
@@ -2144,6 +2147,10 @@ class TrainingService:
                 current = tx.get_training(training_id)
                 if current is not None and current.cancel_requested:
                     raise _CanceledMeanwhileError
+            if hold is not None:
+                # Once committed only: a hold rolled back (above) sends no alert, and its line
+                # told the operator of one.
+                hold.log()
         except _CanceledMeanwhileError:
             return self._hold_apart(training_id, version_id, canceled=True)
         except StorageError as exc:
