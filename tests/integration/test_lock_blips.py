@@ -789,27 +789,35 @@ def test_an_unjudged_version_s_alert_outlives_a_death_before_its_training_s_end(
         rig.services.close()
 
 
+def _another_left_undecided(rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> Training:
+    """After ``_ended_unjudged``'s (its verdicts' write still locked): a third training ended
+    unjudged (succeeded), its version's hold refused by a lock too, left undecided for a
+    reconcile pass; the third's row."""
+    with monkeypatch.context() as m:
+        def locked(service: LikenessService, tx: object, version_id: str,
+                   **kw: object) -> None:
+            raise DatabaseLockedError(LOCKED, lock=True)
+
+        m.setattr(LikenessService, "hold_unjudged", locked)
+        third = rig.train(6)
+        attempts = rig.services.training.lease.max_attempts
+        third, holds = _holds(rig, third, runs=3 * attempts)
+    assert third.status is TrainingStatus.SUCCEEDED, (holds, third.error)
+    return third
+
+
 def test_the_reconcile_pass_sends_a_bounded_number_of_unjudged_alerts(
         rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reconcile pass holds every version left undecided but sends at most
-    ``_UNDECIDED_SENDS`` of their alerts (as ``deliver_due_alerts`` caps its own): an endpoint
+    ``ALERTS_PER_PASS`` of their alerts (as ``deliver_due_alerts`` caps its own): an endpoint
     slow to answer, not down, cost one send of the alert timeout each, up to the batch's 50 in
     one pass. The rest stay claimed, then due, and a later round sends each once."""
     try:
         second = _ended_unjudged(rig, monkeypatch, hold_locked=True)
-        with monkeypatch.context() as m:
-            def locked(service: LikenessService, tx: object, version_id: str,
-                       **kw: object) -> None:
-                raise DatabaseLockedError(LOCKED, lock=True)
-
-            m.setattr(LikenessService, "hold_unjudged", locked)
-            third = rig.train(6)
-            attempts = rig.services.training.lease.max_attempts
-            third, holds = _holds(rig, third, runs=3 * attempts)
-        assert third.status is TrainingStatus.SUCCEEDED, (holds, third.error)
+        third = _another_left_undecided(rig, monkeypatch)
         versions = [rig.version(second), rig.version(third)]
         assert all(v.gate_status is GateStatus.PENDING for v in versions)
-        monkeypatch.setattr("selfie_lora.services.training._UNDECIDED_SENDS", 1)
+        monkeypatch.setattr("selfie_lora.services.training.ALERTS_PER_PASS", 1)
         rig.services.training.reconcile()
         versions = [rig.version(second), rig.version(third)]
         assert all(v.gate_status is GateStatus.HELD for v in versions)
@@ -820,6 +828,41 @@ def test_the_reconcile_pass_sends_a_bounded_number_of_unjudged_alerts(
         rig.services.likeness.deliver_due_alerts()
         assert sorted(a["version_id"] for a in rig.alerter.sent) == sorted(
             v.id for v in versions), rig.alerter.sent
+    finally:
+        rig.services.close()
+
+
+def test_the_reconcile_pass_s_due_and_unjudged_alerts_share_one_send_budget(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass sends at most ``ALERTS_PER_PASS`` alerts in all: its due alerts first, then
+    those of the versions left undecided it holds, from what is left. Before, each part had a
+    cap of its own, so a pass sent up to twice the budget (each send up to the alert timeout
+    against a slow endpoint). The unsent alert stays claimed, then due, and is sent once."""
+    try:
+        second = _ended_unjudged(rig, monkeypatch, hold_locked=True)
+        rig.alerter.crash = True  # its sender dies: its alert is due once the claim runs out
+        with pytest.raises(SimulatedCrash):
+            rig.services.training.reconcile()
+        assert rig.version(second).gate_status is GateStatus.HELD
+        third = _another_left_undecided(rig, monkeypatch)
+        assert rig.version(third).gate_status is GateStatus.PENDING
+        assert not rig.alerter.sent, rig.alerter.sent
+        later = datetime.now(UTC) + alerts.CLAIM + timedelta(seconds=2)
+        monkeypatch.setattr(rig.services.likeness, "_clock", lambda: later)
+        # The second's alert due, the third's version to hold: both kinds, past a budget of 1.
+        monkeypatch.setattr("selfie_lora.services.training.ALERTS_PER_PASS", 1)
+        report = rig.services.training.reconcile()
+        assert report.alerts_tried == 1
+        assert rig.version(third).gate_status is GateStatus.HELD
+        assert [a["version_id"] for a in rig.alerter.sent] == [
+            rig.version(second).id], rig.alerter.sent
+        # The third's alert, claimed by that pass, is due once its claim runs out: sent once.
+        much_later = later + alerts.CLAIM + timedelta(seconds=2)
+        monkeypatch.setattr(rig.services.likeness, "_clock", lambda: much_later)
+        rig.services.likeness.deliver_due_alerts()
+        rig.services.likeness.deliver_due_alerts()
+        assert sorted(a["version_id"] for a in rig.alerter.sent) == sorted(
+            rig.version(t).id for t in (second, third)), rig.alerter.sent
     finally:
         rig.services.close()
 
@@ -875,9 +918,9 @@ def test_the_reconcile_pass_does_not_wait_out_the_lock_on_a_version_left_undecid
             parts.append("remote cancels")
             return remotes(service, **kw)
 
-        def hold_left_undecided(service: TrainingService) -> None:
+        def hold_left_undecided(service: TrainingService, **kw: int) -> None:
             parts.append("holds")
-            holds(service)
+            holds(service, **kw)
 
         monkeypatch.setattr(TrainingService, "_cancel_pending_remotes", cancel_pending_remotes)
         monkeypatch.setattr(TrainingService, "_hold_left_undecided", hold_left_undecided)

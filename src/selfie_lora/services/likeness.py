@@ -345,9 +345,10 @@ def mismatch_alert_text(*, user_name: str, version_number: int, message: str,
 
 # The training log's page (GET /api/model/log) when no limit is asked for.
 LOG_PAGE = 50
-# How many alerts a reconcile pass sends in one go, each up to the alert timeout against a slow
-# endpoint (5 s by default): the rest stay claimed, then due, for the next passes, so that a
-# pass does not run on much past a worker's stop grace (30 s).
+# How many alerts a reconcile pass sends in one go, its due alerts and those of the versions it
+# holds together (one budget), each up to the alert timeout against a slow endpoint (5 s by
+# default): the rest stay claimed, then due, for the next passes, so that a pass's sends take
+# at most this many alert timeouts.
 ALERTS_PER_PASS = 10
 
 

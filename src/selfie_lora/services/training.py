@@ -357,10 +357,6 @@ class NextPin(PinFacts):
 # holds at most (the rest wait for the next).
 LEFT_UNDECIDED = "its training ended before the gate could decide"
 _UNDECIDED_BATCH = 50
-# How many of their alerts a pass sends as it holds them, as ``deliver_due_alerts`` caps its
-# own: an endpoint slow to answer (not down, which ends the sends) took up to the batch's 50
-# sends of the alert timeout each, minutes, past the worker's stop grace.
-_UNDECIDED_SENDS = ALERTS_PER_PASS
 
 
 @dataclass(frozen=True)
@@ -1119,10 +1115,18 @@ class TrainingService:
             self._recover_trainings(dead_owners=dead_owners, enqueued=enqueued,
                                     canceled=canceled, unreachable=unreachable)
         alerts_tried = 0
+        # One send budget for the pass's two parts that send (the due alerts, then those of
+        # the versions it holds last): each send costs up to the alert timeout against an
+        # endpoint slow to answer, and a cap of each part's own let one pass send twice
+        # ALERTS_PER_PASS. The unsent stay claimed, then due, for the next passes.
+        sends_left = ALERTS_PER_PASS
         if not _unanswered(failures, skipping="sending the alerts that are due"):
+            failed = len(failures)
             with _reconcile_part(failures, "sending the alerts that are due"):
                 # The alerts of held versions whose sender died, or whose delivery is due again.
-                alerts_tried = self._likeness.deliver_due_alerts()
+                alerts_tried = self._likeness.deliver_due_alerts(limit=sends_left)
+            # A round that failed part way sent an unknown number of its alerts: none more now.
+            sends_left = sends_left - alerts_tried if len(failures) == failed else 0
         remote_cancels = 0
         if not _unanswered(failures, skipping="asking again for the remote cancels owed"):
             with _reconcile_part(failures, "asking again for the remote cancels owed"):
@@ -1132,18 +1136,20 @@ class TrainingService:
         # for, but billed remote runs and dead workers' trainings come first).
         if not _unanswered(failures, skipping="holding back the versions left undecided"):
             with _reconcile_part(failures, "holding back the versions left undecided"):
-                self._hold_left_undecided()
+                self._hold_left_undecided(sends=sends_left)
         if failures:
             raise failures[0]
         return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
                                alerts_tried=alerts_tried, remote_cancels_tried=remote_cancels)
 
-    def _hold_left_undecided(self) -> None:
+    def _hold_left_undecided(self, *, sends: int) -> None:
         """Hold back the versions whose hold a lock refused when their training ended (left
         pending, ``_hold_apart``): nothing else decides them, and every front would say they are
-        still being scored. The lock that left them so may last: each hold waits for it a moment
-        only (``atomic_briefly``), and the first one still locked ends the part until the next
-        pass (the others likely wait on the same lock: each would cost the pass its wait)."""
+        still being scored; at most ``sends`` of their alerts are sent now (what is left of the
+        pass's budget), the rest left claimed, then due. The lock that left them so may last:
+        each hold waits for it a moment only (``atomic_briefly``), and the first one still
+        locked ends the part until the next pass (the others likely wait on the same lock: each
+        would cost the pass its wait)."""
         sending = True  # until a delivery fails: the endpoint is likely down for the rest too
         sent = 0
         for version, t in self._repo.undecided_versions_of_ended_trainings(limit=_UNDECIDED_BATCH):
@@ -1170,8 +1176,8 @@ class TrainingService:
             # One not sent now stays claimed, and is due once its claim runs out (a later
             # round's ``deliver_due_alerts``), as a dead sender's: each send to an endpoint
             # that is down would cost this pass its deadline, and one slow to answer too past
-            # ``_UNDECIDED_SENDS`` of them.
-            if alert is not None and sending and sent < _UNDECIDED_SENDS:
+            # the pass's budget of them (``sends``).
+            if alert is not None and sending and sent < sends:
                 sent += 1
                 sending = self._likeness.deliver_alert(alert)
 
