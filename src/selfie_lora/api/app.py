@@ -32,6 +32,7 @@ from selfie_lora.api.guard import UPLOAD_PATHS, WEB_UPLOAD_PATHS, Guard, Limits,
 from selfie_lora.api.head import HeadAsGet, allow_with_head
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.paths import app_path
+from selfie_lora.api.routes import add_routes
 from selfie_lora.api.server_errors import report_server_error, retry_after_header
 from selfie_lora.api.slashes import SlashRedirect
 from selfie_lora.api.stopping import ServerStopping
@@ -39,7 +40,6 @@ from selfie_lora.config import Settings
 from selfie_lora.dataset.archive import too_many_parts
 from selfie_lora.errors import ClientGoneError, ErrorCode, SelfieLoraError
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED
-from selfie_lora.web import pages
 from selfie_lora.web.app import (
     SignInRequired,
     form_problem,
@@ -187,15 +187,10 @@ def create_app(
 
     # Before the pages: a request is matched against the routes in order, and the API's reads
     # are the requests that come by the hundred.
-    api_routers = [module.router for module in (training, model, likeness, generation, keys,
-                                                 account, webhooks)]
-    for router in api_routers:
-        app.include_router(router)
-    # For a 405's Allow: the routes as declared (the app's own list holds the included routers
-    # as opaque entries whose methods it does not show), and the app's own (the probes' GET
-    # and HEAD are two routes).
-    api_routes: list[BaseRoute] = [*app.router.routes,
-                                   *(route for router in api_routers for route in router.routes)]
+    for module in (training, model, likeness, generation, keys, account, webhooks):
+        add_routes(app, module.router)
+    # For a 405's Allow: the app's own (the probes' GET and HEAD are two routes) and the API's.
+    api_routes: list[BaseRoute] = list(app.router.routes)
     # A trailing slash: a relative 307, never Starlette's, made of the Host header (api.slashes).
     app.router.redirect_slashes = False
     app.add_middleware(SlashRedirect, routes=app.router.routes)
@@ -230,8 +225,7 @@ def create_app(
     # sent before routing, or by a route that does not name itself: every one with a path,
     # not only the APIRoutes (the schema, the docs and the /static mount were "(unmatched)").
     app.add_middleware(HttpMetrics, operations=svc.operations, routes=[
-        *(route for route in app.router.routes if isinstance(getattr(route, "path", None), str)),
-        *(route for router in (*api_routers, pages.router) for route in router.routes)])
+        route for route in app.router.routes if isinstance(getattr(route, "path", None), str)])
 
     def count(request: Request, code: ErrorCode) -> None:
         """Counts an error answer of the app's handlers, but not one to a request the guard

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.api.head import ran_for_head
 from selfie_lora.api.paths import app_path, root_path, without_root
+from selfie_lora.api.routes import add_routes
 from selfie_lora.api.server_errors import report_server_error, retry_after_header
 from selfie_lora.domain.entities import User, WebSession
 from selfie_lora.domain.plan import lora_scale_text
@@ -667,6 +668,6 @@ def mount_web(app: FastAPI, services: Services) -> Web:
     web.routes = pages.router.routes
     app.state.web = web
     app.mount("/static", StaticFiles(directory=str(WEB_ROOT / "static")), name="static")
-    app.include_router(pages.router)
+    add_routes(app, pages.router)
     app.add_middleware(SecurityHeaders)
     return web
