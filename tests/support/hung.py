@@ -31,17 +31,20 @@ class HungDatabase:
     """Calls that, once ``hung`` is set, wait ``hang`` seconds and then fail, as on a PostgreSQL
     that hangs (not refusing) past each call's answer timeout; each such call named in
     ``calls``. A bare driver call (the clock's read) fails with the driver's error, a
-    repository's call (``meet(..., repository=True)``) with the repository's (``no_answer``)."""
+    repository's call (``meet(..., repository=True)``) with the repository's (``no_answer``).
+    ``released`` set ends the waits at once (they fail as at their end): for a test done with
+    what its hung calls show, so that it does not sit out the rest of one."""
 
     def __init__(self, hang: float = 1.5) -> None:
         self.hang = hang
         self.hung = threading.Event()
+        self.released = threading.Event()
         self.calls: list[str] = []
 
     def meet(self, call: str, *, repository: bool = False) -> None:
         if self.hung.is_set():
             self.calls.append(call)
-            time.sleep(self.hang)
+            self.released.wait(self.hang)
             # The driver's words for a read of a hung PostgreSQL (BoundedConnection's).
             raise no_answer(self.hang) if repository else OSError(
                 f"no answer from the server in {self.hang:g} s (the connection is closed)")
