@@ -4,6 +4,7 @@ progress, honour cancellation, fail on request and write a real file."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -200,11 +201,19 @@ class PhotoGenerator:
                 job.check_stop()  # the port's contract: before each picture
                 photo = self.photos[len(self.jobs) % len(self.photos)]
                 self.jobs.append(job)
-                with Image.open(io.BytesIO(photo)) as img:
-                    buf = io.BytesIO()
-                    img.convert("RGB").save(buf, format="PNG")
-                out.append(buf.getvalue())
+                out.append(_as_png(photo))
         return out
+
+
+@functools.lru_cache(maxsize=32)
+def _as_png(photo: bytes) -> bytes:
+    """``photo`` as a PNG, made once a process (the same bytes every time): encoding each
+    picture again took most of a likeness test's CPU (~80 ms a picture, a dozen a test, the
+    same few photos in every test)."""
+    with Image.open(io.BytesIO(photo)) as img:
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @dataclass
