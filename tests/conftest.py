@@ -11,9 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import click
 import hypothesis
 import pytest
+import typer
+import typer.testing
 from fastapi.testclient import TestClient
+from typer.main import get_command
 
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
@@ -34,6 +38,30 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default")
 # Torch on 2 cores under load is 60-100x slower with 2 threads (facts.md): one thread in tests.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def _shape(app: typer.Typer) -> tuple[object, ...]:
+    """What a Typer app's click command is built from: its callback, commands and groups."""
+    return (app.registered_callback, *(command.callback for command in app.registered_commands),
+            *((group.typer_instance and _shape(group.typer_instance))
+              for group in app.registered_groups))
+
+
+_COMMANDS: dict[int, tuple[typer.Typer, tuple[object, ...], click.Command]] = {}
+
+
+def _command_built_once(app: typer.Typer) -> click.Command:
+    """The click command of ``app`` for ``CliRunner.invoke``, built again only when the app
+    changed: Typer builds it at every invoke, from every command's signature and type hints
+    (~40 ms of CPU for selfie-lora's, in each of the CLI tests' hundreds of commands run). A
+    command holds nothing of a run (click makes a context for each)."""
+    shape = _shape(app)
+    held = _COMMANDS.get(id(app))
+    if held is None or held[0] is not app or held[1] != shape:
+        held = _COMMANDS[id(app)] = (app, shape, get_command(app))
+    return held[2]
+
+
+typer.testing._get_command = _command_built_once  # type: ignore[attr-defined]
 
 # The shell's selfie-lora settings, out of this process's environment while pytest runs.
 _SHELL_SETTINGS = pytest.StashKey[dict[str, str]]()
