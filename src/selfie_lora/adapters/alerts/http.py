@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 from standardwebhooks.webhooks import Webhook
 
+from selfie_lora.adapters.tls import tls_context
 from selfie_lora.domain.webhook_secrets import ALERT_SECRET_SOURCE, webhook_secret_problem
 from selfie_lora.errors import AlertDeliveryError, ConfigError
 
@@ -101,7 +102,7 @@ class HttpAlerter:
 
     async def _post(self, alert: dict[str, Any]) -> None:
         async with asyncio.timeout(self._timeout):
-            async with httpx.AsyncClient(timeout=self._timeout,
+            async with httpx.AsyncClient(timeout=self._timeout, verify=tls_context(),
                                          transport=self._transport) as client:
                 headers = {"user-agent": "selfie-lora-alerts/1"}
                 if alert.get("alert_id"):

@@ -30,6 +30,7 @@ import httpx
 from replicate.client import Client
 from replicate.exceptions import ReplicateError, ReplicateException
 
+from selfie_lora.adapters.tls import tls_context
 from selfie_lora.errors import (
     ConfigError,
     GenerationError,
@@ -243,8 +244,8 @@ class ReplicateSession:
         self._timeout = httpx.Timeout(timeout)
         # Ours, closed with the session; or the caller's (tests), which it does not close.
         self._owned = transport is None
-        self._api_transport = transport or httpx.HTTPTransport()
-        self._download_transport = transport or httpx.HTTPTransport()
+        self._api_transport = transport or httpx.HTTPTransport(verify=tls_context())
+        self._download_transport = transport or httpx.HTTPTransport(verify=tls_context())
         hooks: dict[str, list[Callable[[httpx.Response], None]]] = {
             "response": [self._remember_retry_after, self._refuse_an_error_that_is_not_an_object],
         }
