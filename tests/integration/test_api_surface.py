@@ -428,10 +428,32 @@ def test_an_app_s_routes_are_those_built_at_import_not_built_again(tmp_path: Pat
     try:
         for _ in range(2):
             app = create_app(settings, services=svc)
-            held = [route for route in app.router.routes if route in declared]
-            assert held == declared
+            # By identity: Starlette's routes compare equal by path, endpoint and methods, so a
+            # route built again would pass an equality.
+            held = [route for route in app.router.routes
+                    if any(route is mine for mine in declared)]
+            assert len(held) == len(declared)
+            assert all(a is b for a, b in zip(held, declared, strict=True))
             with TestClient(app) as client:
                 assert client.get("/api/keys", headers=auth(svc, f"u{id(app)}")).status_code == 200
                 assert client.get("/signin").status_code == 200
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("options", [
+    {"on_startup": [lambda: None]}, {"on_shutdown": [lambda: None]},
+])
+def test_add_routes_refuses_a_router_with_options_it_would_drop(options: dict[str, Any]) -> None:
+    """``add_routes`` puts routes into an app as built; a router's start-up or shutdown
+    handlers, which ``include_router`` would add to the app, are refused, not silently dropped."""
+    from fastapi import APIRouter, FastAPI
+
+    from selfie_lora.api.routes import add_routes
+
+    router = APIRouter(**options)
+    app = FastAPI()
+    before = list(app.router.routes)
+    with pytest.raises(ValueError, match=r"include it with app\.include_router"):
+        add_routes(app, router)
+    assert app.router.routes == before
