@@ -146,6 +146,9 @@ def test_a_training_whose_worker_died_is_canceled_even_with_no_worker_left(
                     time.sleep(0.5)
                     r = client.get("/api/training/progress", headers=ann)
                 assert t["error"]
+                # Ended by the reconciler (its reason logged by the API server), not by the
+                # cancel's own answer: the heartbeats here leave a margin of seconds only.
+                assert "its worker was gone" in api.log_text(), "not ended by the reconciler"
                 assert t["version_id"] is None
                 assert client.get("/api/model", headers=ann).json()["active_version"] is None
             # Canceled on Replicate right after the cancel is committed here.
