@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,15 @@ from tests.browser.support import Account, sign_in, upload_photos
 from tests.e2e.conftest import ServeProcess
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _pages_closed(chromium: Any) -> Iterator[None]:
+    """Each test's pages closed at its end: a page left open on a training that never ends
+    polls the file's shared server (4 times a second here) for the rest of the file."""
+    yield
+    for context in list(chromium.contexts):
+        context.close()
 
 
 def watching(chromium: Any, account: Account) -> tuple[Any, ServeProcess, str]:

@@ -175,9 +175,11 @@ class ServeProcess:
             text = self.log_path.read_text(errors="replace")
         except OSError as exc:
             return f"(no server output: {exc})"
-        # the polling of progress and health drowns everything else in the access log
+        # the polling of progress, health and the Train page's figures drowns everything else
+        # in the access log
         lines = [line for line in text.splitlines()
-                 if "GET /api/training/progress" not in line and "GET /healthz" not in line]
+                 if not any(poll in line for poll in ("GET /api/training/progress", "GET /healthz",
+                                                      "GET /train/status"))]
         return "\n".join(lines)[-chars:]
 
     def why(self, message: str) -> str:
