@@ -61,6 +61,9 @@ def _command_built_once(app: typer.Typer) -> click.Command:
     return held[2]
 
 
+# A private name of Typer's: were it renamed, the assignment would add an attribute nobody reads
+# and the CLI tests would silently build the command at every invoke again.
+assert hasattr(typer.testing, "_get_command"), "typer.testing._get_command is gone: see above"
 typer.testing._get_command = _command_built_once  # type: ignore[attr-defined]
 
 # The shell's selfie-lora settings, out of this process's environment while pytest runs.
