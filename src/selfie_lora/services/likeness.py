@@ -218,8 +218,14 @@ class UnjudgedHold:
         """The operator's "likeness alert" line, for the caller to write once the hold's
         transaction committed: one written inside it stood for an alert never recorded when the
         transaction was rolled back (a cancel asked before the hold, a failed commit)."""
-        logger.warning("likeness alert: version %d of model %s held back: %s",
-                       self.version_number, self.model_id, self.reason)
+        _log_held(self.version_number, self.model_id, self.reason)
+
+
+def _log_held(version_number: int, model_id: str, reason: str) -> None:
+    """The operator's "likeness alert" line of a held version, one wording for the gate's verdict
+    (``apply_verdict``) and a version it could not judge (``UnjudgedHold.log``)."""
+    logger.warning("likeness alert: version %d of model %s held back: %s", version_number,
+                   model_id, reason)
 
 
 @dataclass(frozen=True)
@@ -579,8 +585,7 @@ class LikenessService:
             logger.info("version %d of model %s passed the likeness gate: %s", current.number,
                         current.model_id, reason)
         else:
-            logger.warning("likeness alert: version %d of model %s held back: %s",
-                           current.number, current.model_id, reason)
+            _log_held(current.number, current.model_id, reason)
         return claimed
 
     def hold_canceled(self, tx: Repository, version_id: str) -> bool:
