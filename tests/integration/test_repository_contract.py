@@ -239,6 +239,36 @@ def test_atomic_rolls_back_everything(repo: SqlRepository) -> None:
     assert repo.get_training("t2") is None
 
 
+def test_a_write_inside_atomic_is_read_back_by_the_same_transaction(repo: SqlRepository) -> None:
+    # Outside atomic() a write's UPDATE runs in a session of its own, with nothing to keep in
+    # step; inside, the rows read earlier in the transaction are in its session and a read
+    # after the write must not hand back what they held before it.
+    _user, model, dataset = seed(repo)
+    repo.add_training(training(model, dataset, "t1"))
+    repo.add_version(version(model, 1))
+    with repo.atomic() as tx:
+        before = tx.get_training("t1", for_update=True)
+        assert before is not None
+        assert tx.get_model(model.id) is not None
+        assert tx.get_version("v1") is not None
+        tx.save_training(dataclasses.replace(before, status=TrainingStatus.PROCESSING,
+                                             remote_id="r-1"))
+        tx.set_model_lora_scale(model.id, 0.7, is_custom=True)
+        tx.set_version_gate("v1", status=GateStatus.HELD, reason="dropped", details={"d": 1})
+        after = tx.get_training("t1")
+        now = tx.get_model(model.id)
+        held = tx.get_version("v1")
+    assert after is not None
+    assert (after.status, after.remote_id) == (TrainingStatus.PROCESSING, "r-1")
+    assert now is not None
+    assert (now.lora_scale, now.lora_scale_is_custom) == (0.7, True)
+    assert held is not None
+    assert (held.gate_status, held.gate_reason) == (GateStatus.HELD, "dropped")
+    outside = repo.get_training("t1")
+    assert outside is not None
+    assert outside.remote_id == "r-1"
+
+
 def test_targeted_model_updates_do_not_clobber_each_other(repo: SqlRepository) -> None:
     _user, model, dataset = seed(repo)
     stale = repo.get_model(model.id)
