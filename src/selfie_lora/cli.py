@@ -796,7 +796,14 @@ def train(
         _hold_home(ctx)
     else:
         _one_shot()
-    with _terminate_as_interrupt(), opened() as services:
+    # The queue built at the start, as serve's and worker's is: one it cannot use (a queue.db
+    # that is not SQLite's, a Redis URL option redis-py refuses, the redis extra not installed)
+    # is one line and exit status 1 before a photo is stored or a training made. Built at its
+    # first use, it let the photos and a queued training be stored with a warning only, which
+    # no serve or worker on these settings could ever take (each refuses that queue at its
+    # start). A Redis that is down is still a start (building connects to nothing): accepted as
+    # the API's start is, the reconciler queueing it once Redis answers (and --wait runs it).
+    with _terminate_as_interrupt(), opened(open_queue=True) as services:
         owner = services.users.get_by_name(name=user)
         # Before the photos go into the storage and a training is queued: not into another
         # deployment's storage (the training's own worker would refuse only after both).
@@ -885,7 +892,8 @@ def resume(
         _hold_home(ctx)
     else:
         _one_shot()
-    with _terminate_as_interrupt(), opened() as services:
+    # The queue built at the start, as train's (an unusable one stops it before anything).
+    with _terminate_as_interrupt(), opened(open_queue=True) as services:
         owner = services.users.get_by_name(name=user)
         services.operations.bind_deployment()  # as train: before a training is queued
         if training_id is None:

@@ -274,7 +274,10 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
     console.print(f"The demo trains on {len(DEMO_PHOTOS)} public-domain photos of one person, "
                   f"so it accepts sets of {DEMO_MIN_PHOTOS} or more; a real set needs 5 or more "
                   "(15-25 work best).")
-    services = build_services(settings)
+    # The queue built now, as `train`'s is: the demo queues both trainings and its worker takes
+    # them from that queue, so one it could not use (built at its first use) let it check the
+    # photos, make the user and store a training, then follow that training for ever.
+    services = build_services(settings, open_queue=True)
     try:
         console.rule("1. photo check")
         files, findings = services.intake.read_path(photos_dir)

@@ -488,8 +488,9 @@ def build_services(
     first checks this machine's clock against the database's (``services.clock``), so that a
     refused start changes nothing. False touches neither.
     ``open_queue``: True builds the queue now (``HueyJobQueue.open``), for a process that will
-    use it (``serve``, ``worker``): one it cannot use stops the start. Otherwise huey is loaded
-    at the queue's first use, which most commands never make."""
+    use it (``serve``, ``worker``, ``train``, ``resume``, the demo): one it cannot use stops the
+    start, before anything is stored. Otherwise huey is loaded at the queue's first use, which
+    most commands never make."""
     from selfie_lora.adapters.db.migrate import require_head, upgrade
     from selfie_lora.adapters.db.repository import SqlRepository
     from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter

@@ -210,6 +210,101 @@ def test_a_queue_that_cannot_be_used_stops_serve_and_worker_in_one_line(
     assert "Traceback" not in result.output
 
 
+def stored(home: Path) -> tuple[dict[str, int], list[str]]:
+    """The trainings in HOME's database by status, and the files in its storage."""
+    from selfie_lora.wiring import build_services
+
+    services = build_services(get_settings(), trainers={}, generators={})
+    try:
+        trainings = services.repo.count_trainings_by_status()
+    finally:
+        services.close()
+    return trainings, sorted(str(p.relative_to(home)) for p in (home / "blobs").rglob("*")
+                             if p.is_file())
+
+
+# Old code: `train` built its queue at its first use, after the photos and the training were
+# stored: it said "could not be queued now" as a warning and exited 0 (--no-wait), leaving a
+# training that no serve or worker on these settings could take (each refuses this queue at its
+# start); `resume` said the user had no model. Now both build it at their start, as serve and
+# worker do.
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("setup", "said"), [(setup, said) for _, setup, said in QUEUE_CASES],
+                         ids=[name for name, _, _ in QUEUE_CASES])
+@pytest.mark.parametrize("command", [
+    ["train", "{photos}", "--user", "bob", "--no-wait"], ["train", "{photos}", "--user", "bob"],
+    ["resume", "--user", "bob", "--no-wait"]], ids=["train-no-wait", "train", "resume"])
+def test_a_queue_that_cannot_be_used_stops_train_and_resume_before_anything_is_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: Callable[[dict[str, str]], None],
+        setup: Callable[[Path, pytest.MonkeyPatch], dict[str, str]], said: str,
+        command: list[str]) -> None:
+    from tests.support.photos import copy_person_photos
+
+    env({**setup(tmp_path, monkeypatch), "SELFIE_LORA_MIN_PHOTOS": "3"})
+    # A command that queues nothing does not build the queue: it works on these settings.
+    assert CliRunner().invoke(app, ["users", "create", "bob"]).exit_code == 0
+    photos = copy_person_photos(tmp_path / "photos")
+    result = CliRunner().invoke(app, [arg.replace("{photos}", str(photos)) for arg in command])
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    shown = said.replace("{home}", str(get_settings().home))
+    assert lines[-1].startswith(f"error: {shown}"), lines
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], lines
+    assert "Traceback" not in result.output
+    assert stored(get_settings().home) == ({}, [])  # no training, no photo
+
+
+# A Redis that is down is not a queue that cannot be used: building it connects to nothing, and
+# the training is accepted, as the API's start is (README, Recovery); a serve's or worker's
+# reconciler queues it once Redis answers.
+@pytest.mark.timeout(60)
+def test_train_no_wait_on_a_redis_that_is_down_is_accepted_for_the_reconciler(
+        tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
+    from tests.support.photos import copy_person_photos
+
+    pytest.importorskip("redis")
+    # A port nothing listens on: refused at once, no Redis needed.
+    env({"SELFIE_LORA_QUEUE_URL": "redis://127.0.0.1:1/0", "SELFIE_LORA_MIN_PHOTOS": "3"})
+    assert CliRunner().invoke(app, ["users", "create", "bob"]).exit_code == 0
+    photos = copy_person_photos(tmp_path / "photos")
+    result = CliRunner().invoke(app, ["train", str(photos), "--user", "bob", "--no-wait"])
+    assert result.exit_code == 0, result.output
+    assert "first training" in " ".join(result.output.split())
+    assert "could not be queued now" in result.stderr, result.stderr  # the warning, said
+    trainings, _files = stored(get_settings().home)
+    assert trainings == {"queued": 1}
+
+
+# The demo queues its trainings and its embedded worker takes them from the queue: built at its
+# first use, a queue it could not use let it check the photos, make the user and store a
+# training, then follow that training for ever (the worker's polls failing). Now it stops first.
+@pytest.mark.timeout(120)
+def test_a_queue_the_demo_cannot_use_stops_it_before_its_photo_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sqlite3
+
+    from rich.console import Console
+
+    from selfie_lora import demo
+    from selfie_lora.adapters.queue import huey_queue
+
+    def unusable(path: str, *, name: str) -> Any:
+        raise sqlite3.DatabaseError("file is not a database")
+
+    def no_worker(*args: Any, **kwargs: Any) -> Any:
+        # Old code got here, then waited for ever: failed at once instead.
+        raise AssertionError("the demo went on to train on a queue it cannot use")
+
+    monkeypatch.setattr(huey_queue, "_sqlite_huey", unusable)
+    monkeypatch.setattr(demo, "embedded_worker", no_worker)
+    out = io.StringIO()
+    with pytest.raises(sqlite3.DatabaseError, match="file is not a database"):
+        demo.run_demo(out=tmp_path / "demo", console=Console(file=out, width=200))
+    assert "photo check" not in out.getvalue()
+
+
 @pytest.mark.timeout(60)
 def test_a_taken_metrics_port_stops_the_worker_in_one_line(
         tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
