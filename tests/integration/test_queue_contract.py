@@ -20,6 +20,7 @@ from huey import Huey
 from huey.storage import RedisStorage
 
 from selfie_lora import worker as worker_module
+from selfie_lora.adapters.queue import huey_queue
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.errors import DatabaseUnreachableError, QueueClosedError
 from selfie_lora.services.common import Outage
@@ -155,11 +156,14 @@ def test_close_lets_go_of_what_the_queue_holds_and_a_second_close_does_nothing(
 def test_a_closed_queue_refuses_every_call_rather_than_connecting_again(queue: Queue) -> None:
     queue.enqueue_training("t1")
     held = holding(queue)
+    # Taken before the close: ``huey`` refuses after it, as the calls below do.
+    storage = queue.huey.storage if isinstance(queue, HueyJobQueue) else None
     queue.close()
     calls: list[Callable[[], object]] = [
         lambda: queue.enqueue_training("t2"), queue.next_training, queue.queued_training_ids]
     if isinstance(queue, HueyJobQueue):
-        calls += [queue.pending, queue.ping, queue.flush]
+        # ``open`` and ``huey`` too: old code built huey again for them after the close.
+        calls += [queue.pending, queue.ping, queue.flush, queue.open, lambda: queue.huey]
     for call in calls:
         with pytest.raises(QueueClosedError, match="the job queue is closed"):
             call()
@@ -167,12 +171,67 @@ def test_a_closed_queue_refuses_every_call_rather_than_connecting_again(queue: Q
     if isinstance(queue, HueyJobQueue):
         # ... which ``held`` would see (review read-report1 N3: for Redis it asked only for the
         # first connection's id, so a new connection passed): one opened behind the guard.
-        storage = queue.huey.storage
+        assert storage is not None
         storage.queue_size()
         assert held()
         storage.close()
         if isinstance(storage, RedisStorage):
             storage.pool.disconnect()
+
+
+class _CountedBuilds:
+    """A queue's maker (``_huey_maker``'s), counting what it builds."""
+
+    def __init__(self, url: str, *, held: threading.Event | None = None) -> None:
+        self._make = huey_queue._huey_maker(url, name="q")
+        self._held = held
+        self.building = threading.Event()
+        self.built = 0
+
+    def __call__(self) -> Huey:
+        self.building.set()
+        if self._held is not None:
+            assert self._held.wait(30)
+        self.built += 1
+        return self._make()
+
+
+# Old code: ``open`` and ``huey`` built huey again after the close, a queue closed before its
+# first use included (``serve``'s app closed before its queue was used): a closed queue that
+# opened again, whose connections nothing would let go of.
+@pytest.mark.parametrize("used", [True, False], ids=["used", "never-used"])
+def test_a_closed_queue_is_never_built_again(tmp_path: Path, used: bool) -> None:
+    maker = _CountedBuilds(queue_url("sqlite", tmp_path))
+    q = HueyJobQueue(maker)
+    if used:
+        q.open()
+    q.close()
+    for use in (q.open, lambda: q.huey, q.ping):
+        with pytest.raises(QueueClosedError, match="the job queue is closed"):
+            use()
+    assert maker.built == int(used)
+
+
+def test_an_open_that_the_close_overtakes_fails_and_publishes_nothing(tmp_path: Path) -> None:
+    """An ``open`` whose build was under way as the queue closed (a build can take seconds: a
+    queue file another process holds): the close found nothing to let go of, so the open lets
+    go of what it built and fails, and the queue stays closed."""
+    go_on = threading.Event()
+    maker = _CountedBuilds(queue_url("sqlite", tmp_path), held=go_on)
+    q = HueyJobQueue(maker)
+    opener, failures = _in_a_thread(q.open)
+    try:
+        assert maker.building.wait(10)
+        q.close()  # returns at once: nothing built yet, no call under way
+    finally:
+        go_on.set()
+        opener.join(10)
+    assert not opener.is_alive()
+    [failure] = failures
+    assert isinstance(failure, QueueClosedError), failure
+    assert maker.built == 1
+    with pytest.raises(QueueClosedError, match="the job queue is closed"):
+        _ = q.huey  # nothing was published for a later use to find
 
 
 def _queue_with_a_held_pending(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -197,19 +256,24 @@ def _queue_with_a_held_pending(kind: str, tmp_path: Path, monkeypatch: pytest.Mo
     return q, held, inside, go_on
 
 
-def _pending_in_a_thread(q: HueyJobQueue) -> tuple[threading.Thread, list[BaseException]]:
-    """``q.pending()`` on a thread of its own, started; what it raises lands in the list."""
+def _in_a_thread(use: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    """``use()`` on a thread of its own, started; what it raises lands in the list."""
     failures: list[BaseException] = []
 
     def call() -> None:
         try:
-            q.pending()
+            use()
         except BaseException as exc:
             failures.append(exc)
 
     caller = threading.Thread(target=call)
     caller.start()
     return caller, failures
+
+
+def _pending_in_a_thread(q: HueyJobQueue) -> tuple[threading.Thread, list[BaseException]]:
+    """``q.pending()`` on a thread of its own (``_in_a_thread``)."""
+    return _in_a_thread(q.pending)
 
 
 @pytest.mark.parametrize("kind", QUEUES)

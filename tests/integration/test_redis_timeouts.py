@@ -13,6 +13,7 @@ import pytest
 
 from selfie_lora.adapters.queue import huey_queue
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
+from selfie_lora.errors import QueueClosedError
 from tests.support.backends import queue_url
 from tests.support.silent import SilentServer
 
@@ -65,6 +66,26 @@ def test_the_wait_of_a_blocking_read_is_well_within_the_answer_timeout() -> None
     # An idle worker's read waits REDIS_READ_TIMEOUT_S for a message on the server: the
     # client's own bound must leave it that long, and more for the answer to travel.
     assert huey_queue.ANSWER_TIMEOUT_S >= huey_queue.REDIS_READ_TIMEOUT_S + 3
+
+
+# ``open`` builds huey and connects to nothing (``serve``, ``worker``, ``train`` open it at their
+# start): a Redis that is down is still a start, where each then says the outage (/readyz, the
+# worker's one line) and ``train`` is accepted for the reconciler. A port nothing listens on:
+# refused at once, no Redis needed.
+def test_open_on_a_redis_that_is_down_starts_and_the_first_call_says_the_outage() -> None:
+    redis = pytest.importorskip("redis")
+    queue = HueyJobQueue.from_url("redis://127.0.0.1:1/0")
+    try:
+        assert _within(5, queue.open) is None
+        error = _within(huey_queue.CONNECT_TIMEOUT_S + 5, queue.ping)
+        assert isinstance(error, redis.ConnectionError), repr(error)
+        error = _within(huey_queue.CONNECT_TIMEOUT_S + 5,
+                        lambda: queue.enqueue_training("t1"))
+        assert isinstance(error, redis.ConnectionError), repr(error)
+    finally:
+        queue.close()
+    # Closed: refused, not built nor connected again.
+    assert isinstance(_within(5, queue.open), QueueClosedError)
 
 
 def test_a_url_that_names_its_own_timeouts_keeps_them() -> None:

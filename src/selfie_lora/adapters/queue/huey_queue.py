@@ -132,19 +132,30 @@ class HueyJobQueue:
     @property
     def huey(self) -> Huey:
         """Its huey, built at the first call that needs it (once: under ``_building``, then
-        published under ``_state``, which ``_release`` reads it under)."""
-        return self._built()
+        published under ``_state``, which ``_release`` reads it under). ``QueueClosedError``
+        after ``close``, as every call: the huey it gave then (built again, or the one let go
+        of) opened connections at its next use that nothing would close (SQLite's, and its -wal
+        file; the Redis pool's)."""
+        return self._built(under_way=False)
 
     def open(self) -> None:
         """Builds its huey now rather than at the first use: a process that will use the queue
-        (``serve``, ``worker``: ``build_services(open_queue=True)``) then stops at its start on
-        one it cannot use (a queue file that is not SQLite's, a Redis URL option redis-py
-        refuses, the redis extra not installed), instead of running on and saying an outage at
-        every poll. Building connects to no Redis: one that is down is still a start."""
-        self._built()
+        (``serve``, ``worker``, ``train``, ``resume``, the demo: ``build_services(open_queue=
+        True)``) then stops at its start on one it cannot use (a queue file that is not
+        SQLite's, a Redis URL option redis-py refuses, the redis extra not installed), instead
+        of running on and saying an outage at every poll. Building connects to no Redis: one
+        that is down is still a start. ``QueueClosedError`` after ``close``: a closed queue is
+        never opened again."""
+        self._built(under_way=False)
 
-    def _built(self) -> Huey:
-        built = self._huey
+    def _built(self, *, under_way: bool) -> Huey:
+        """``under_way``: for a call counted in ``_calls`` (``_using``), begun before any
+        ``close``: it may still build (its first use), as ``close`` waits for it and lets go of
+        what it built after it. Any other use (``open``, ``huey``) is refused once closed."""
+        with self._state:
+            if self._closed and not under_way:
+                raise QueueClosedError(QueueClosedError.AFTER_CLOSE)
+            built = self._huey
         if built is not None:
             return built
         with self._building:
@@ -152,7 +163,14 @@ class HueyJobQueue:
             if built is None:
                 built = self._make()
                 with self._state:
-                    self._huey = built
+                    # A close that came while it was built (seconds, at worst) found nothing to
+                    # let go of: this one is let go of here, never published nor used.
+                    refused = self._closed and not under_way
+                    if not refused:
+                        self._huey = built
+                if refused:
+                    _let_go(built)
+                    raise QueueClosedError(QueueClosedError.AFTER_CLOSE)
             return built
 
     def enqueue_training(self, training_id: str) -> None:
@@ -244,7 +262,7 @@ class HueyJobQueue:
                 raise QueueClosedError(QueueClosedError.AFTER_CLOSE)
             self._calls += 1
         try:
-            yield self.huey.storage
+            yield self._built(under_way=True).storage
         finally:
             with self._state:
                 self._calls -= 1
@@ -270,17 +288,22 @@ class HueyJobQueue:
             huey = self._huey
         if huey is None:  # never used: nothing was opened (nor huey loaded) to let go of
             return
-        from huey.storage import RedisStorage
+        _let_go(huey)
 
-        storage = huey.storage
-        # SQLite: its connection; huey's Redis storage has nothing of its own. Then every
-        # connection of the Redis pool: make_huey's own, which no one else uses.
-        steps = [storage.close]
-        if isinstance(storage, RedisStorage):
-            steps.append(storage.pool.disconnect)
-        for step in steps:
-            try:
-                step()
-            except Exception:
-                logger.warning("closing the job queue: its connections could not all be let go "
-                               "of cleanly", exc_info=True)
+
+def _let_go(huey: Huey) -> None:
+    """Lets go of ``huey``'s connections, logging (not raising) what fails: ``_release``'s."""
+    from huey.storage import RedisStorage
+
+    storage = huey.storage
+    # SQLite: its connection; huey's Redis storage has nothing of its own. Then every
+    # connection of the Redis pool: make_huey's own, which no one else uses.
+    steps = [storage.close]
+    if isinstance(storage, RedisStorage):
+        steps.append(storage.pool.disconnect)
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            logger.warning("closing the job queue: its connections could not all be let go "
+                           "of cleanly", exc_info=True)
