@@ -579,7 +579,9 @@ class Worker:
             # (the presence beats, which skip their write alike, leave it to this loop).
             if self._clock is not None and not self._clock.answered_check():
                 return  # skewed: logged by the check, once per episode
-            report = self._training.reconcile(dead_owners=dead_owners)
+            # The stop ends the pass's alert sends after the one in flight: ten sends to a slow
+            # endpoint (5 s each) outlasted the stop's grace.
+            report = self._training.reconcile(dead_owners=dead_owners, stopping=self._stop)
         if report is None:
             return
         if report.enqueued or report.canceled:

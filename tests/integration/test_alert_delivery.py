@@ -39,7 +39,7 @@ from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.webhook_secrets import MAKE_SIGNING_SECRET
 from selfie_lora.errors import AlertDeliveryError, ConfigError, DatabaseUnreachableError, StorageError
-from selfie_lora.services.likeness import LikenessService, alert_text
+from selfie_lora.services.likeness import ALERT_SENDS_SECONDS, LikenessService, alert_text
 from selfie_lora.testing.fakes import (
     FakeGenerator,
     FakeTrainer,
@@ -186,6 +186,43 @@ def test_a_round_stops_at_the_first_failure(rig_for: Any, clock: Clock) -> None:
     assert endpoint.calls == 4
     assert len(rig.repo.due_alerts(clock.now, limit=10)) == 2  # the next round tries them
     assert sorted(delivery(rig, v)["attempts"] for v in held) == [1, 1, 2]
+
+
+@pytest.mark.parametrize("ends", ["stop", "time"])
+def test_a_pass_s_sends_end_at_a_stop_or_their_time_and_the_rest_go_next_pass_once(
+        rig_for: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch, ends: str) -> None:
+    """A reconcile pass's sends to an endpoint slow to answer (each up to the alert timeout) end
+    after the send in flight once the worker's stop is asked, or once the pass's time for them
+    (``ALERT_SENDS_SECONDS``) is spent: the alerts not sent are not claimed, and the next pass
+    sends each once. Before, a pass went on to its ten sends, 50 s at the default timeout, where
+    a worker's stop allows 30 s."""
+    endpoint = RecordingAlerter()
+    rig = rig_for(endpoint)
+    held = []
+    for name in ("ann", "bob", "cy"):
+        endpoint.crash = True  # each sender dies: its alert is due once the claim runs out
+        held.append(held_version(rig, dies=True, name=name))
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    assert len(rig.repo.due_alerts(clock.now, limit=10)) == 3
+    calls = endpoint.calls  # the three sends that died
+    stopping = threading.Event()
+    spent = [0.0]
+    monkeypatch.setattr(rig.training, "_monotonic", lambda: spent[0])
+
+    def the_first_send_is_slow() -> None:
+        if ends == "stop":
+            stopping.set()  # the worker is asked to stop while it sends
+        else:
+            spent[0] += ALERT_SENDS_SECONDS
+
+    endpoint.meanwhile = the_first_send_is_slow
+    assert rig.training.reconcile(stopping=stopping).alerts_tried == 1
+    assert endpoint.calls == calls + 1
+    assert len(rig.repo.due_alerts(clock.now, limit=10)) == 2  # left due, not claimed
+    assert rig.training.reconcile().alerts_tried == 2
+    assert rig.training.reconcile().alerts_tried == 0
+    assert endpoint.calls == calls + 3
+    assert sorted(a["version_id"] for a in endpoint.sent) == sorted(v.id for v in held)
 
 
 def test_two_reconcilers_at_once_send_an_alert_once(rig_for: Any, clock: Clock) -> None:

@@ -97,7 +97,8 @@ class ClaimingTraining:
         with self._lock:
             self.claimed.append(training_id)
 
-    def reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> ReconcileReport:
+    def reconcile(self, *, dead_owners: tuple[str, ...] = (),
+                  stopping: threading.Event | None = None) -> ReconcileReport:
         return ReconcileReport()
 
 

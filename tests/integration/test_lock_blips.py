@@ -23,7 +23,7 @@ from selfie_lora.domain.entities import Dataset, GateStatus, Training, TrainingS
 from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import DatabaseLockedError
 from selfie_lora.services.layout import reference_key
-from selfie_lora.services.likeness import LikenessService
+from selfie_lora.services.likeness import AlertSends, LikenessService
 from selfie_lora.services.ports import GenerationJob, TrainingJob
 from selfie_lora.services.training import (
     CANCELED_MESSAGE,
@@ -839,16 +839,7 @@ def test_the_reconcile_pass_s_due_and_unjudged_alerts_share_one_send_budget(
     cap of its own, so a pass sent up to twice the budget (each send up to the alert timeout
     against a slow endpoint). The unsent alert stays claimed, then due, and is sent once."""
     try:
-        second = _ended_unjudged(rig, monkeypatch, hold_locked=True)
-        rig.alerter.crash = True  # its sender dies: its alert is due once the claim runs out
-        with pytest.raises(SimulatedCrash):
-            rig.services.training.reconcile()
-        assert rig.version(second).gate_status is GateStatus.HELD
-        third = _another_left_undecided(rig, monkeypatch)
-        assert rig.version(third).gate_status is GateStatus.PENDING
-        assert not rig.alerter.sent, rig.alerter.sent
-        later = datetime.now(UTC) + alerts.CLAIM + timedelta(seconds=2)
-        monkeypatch.setattr(rig.services.likeness, "_clock", lambda: later)
+        second, third, later = _due_and_left_undecided(rig, monkeypatch)
         # The second's alert due, the third's version to hold: both kinds, past a budget of 1.
         monkeypatch.setattr("selfie_lora.services.training.ALERTS_PER_PASS", 1)
         report = rig.services.training.reconcile()
@@ -857,12 +848,79 @@ def test_the_reconcile_pass_s_due_and_unjudged_alerts_share_one_send_budget(
         assert [a["version_id"] for a in rig.alerter.sent] == [
             rig.version(second).id], rig.alerter.sent
         # The third's alert, claimed by that pass, is due once its claim runs out: sent once.
-        much_later = later + alerts.CLAIM + timedelta(seconds=2)
-        monkeypatch.setattr(rig.services.likeness, "_clock", lambda: much_later)
-        rig.services.likeness.deliver_due_alerts()
-        rig.services.likeness.deliver_due_alerts()
-        assert sorted(a["version_id"] for a in rig.alerter.sent) == sorted(
-            rig.version(t).id for t in (second, third)), rig.alerter.sent
+        _each_sent_once_later(rig, monkeypatch, later, [second, third])
+    finally:
+        rig.services.close()
+
+
+def _due_and_left_undecided(rig: _Rig, monkeypatch: pytest.MonkeyPatch
+                            ) -> tuple[Training, Training, datetime]:
+    """A second training ended unjudged, its version held by a pass whose sender died (its alert
+    due once the claim runs out), and a third whose version is left undecided: the two, and a
+    time when the second's alert is due (the likeness service's clock set to it)."""
+    second = _ended_unjudged(rig, monkeypatch, hold_locked=True)
+    rig.alerter.crash = True  # its sender dies: its alert is due once the claim runs out
+    with pytest.raises(SimulatedCrash):
+        rig.services.training.reconcile()
+    assert rig.version(second).gate_status is GateStatus.HELD
+    third = _another_left_undecided(rig, monkeypatch)
+    assert rig.version(third).gate_status is GateStatus.PENDING
+    assert not rig.alerter.sent, rig.alerter.sent
+    later = datetime.now(UTC) + alerts.CLAIM + timedelta(seconds=2)
+    monkeypatch.setattr(rig.services.likeness, "_clock", lambda: later)
+    return second, third, later
+
+
+def _each_sent_once_later(rig: _Rig, monkeypatch: pytest.MonkeyPatch, later: datetime,
+                          trainings: list[Training]) -> None:
+    """Past the claims taken at ``later``: the alerts of ``trainings``' versions are each sent
+    once by the rounds that follow."""
+    much_later = later + alerts.CLAIM + timedelta(seconds=2)
+    monkeypatch.setattr(rig.services.likeness, "_clock", lambda: much_later)
+    rig.services.likeness.deliver_due_alerts()
+    rig.services.likeness.deliver_due_alerts()
+    assert sorted(a["version_id"] for a in rig.alerter.sent) == sorted(
+        rig.version(t).id for t in trainings), rig.alerter.sent
+
+
+def test_a_pass_whose_due_alert_failed_sends_none_of_its_holds_alerts(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint down: the pass's round of due alerts fails its send, and the pass then holds
+    the version left undecided without sending its alert (the endpoint is likely down still: one
+    more timeout of the pass's, where a worker's stop allows 30 s); that alert stays claimed,
+    then due, and is sent once the endpoint answers. Before, the holds sent it all the same."""
+    try:
+        second, third, later = _due_and_left_undecided(rig, monkeypatch)
+        rig.alerter.fail = True
+        calls = rig.alerter.calls
+        assert rig.services.training.reconcile().alerts_tried == 1
+        assert rig.alerter.calls == calls + 1  # the due one only
+        assert rig.version(third).gate_status is GateStatus.HELD
+        rig.alerter.fail = False
+        _each_sent_once_later(rig, monkeypatch, later, [second, third])
+    finally:
+        rig.services.close()
+
+
+def test_a_pass_whose_round_of_due_alerts_failed_sends_none_of_its_holds_alerts(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pass's round of due alerts fails (a lock on an alert's claim: how many of its alerts
+    went is not known): the pass still holds the version left undecided, but sends no alert
+    more; the hold's stays claimed, then due, and is sent once, as the one the round left."""
+    try:
+        second, third, later = _due_and_left_undecided(rig, monkeypatch)
+        calls = rig.alerter.calls
+
+        def locked(*args: object, **kwargs: object) -> None:
+            raise DatabaseLockedError(LOCKED, lock=True)
+
+        with monkeypatch.context() as m:
+            m.setattr(rig.services.repo, "claim_alert", locked)
+            with pytest.raises(DatabaseLockedError):
+                rig.services.training.reconcile()
+        assert rig.alerter.calls == calls
+        assert rig.version(third).gate_status is GateStatus.HELD
+        _each_sent_once_later(rig, monkeypatch, later, [second, third])
     finally:
         rig.services.close()
 
@@ -918,7 +976,7 @@ def test_the_reconcile_pass_does_not_wait_out_the_lock_on_a_version_left_undecid
             parts.append("remote cancels")
             return remotes(service, **kw)
 
-        def hold_left_undecided(service: TrainingService, **kw: int) -> None:
+        def hold_left_undecided(service: TrainingService, **kw: AlertSends) -> None:
             parts.append("holds")
             holds(service, **kw)
 

@@ -183,7 +183,8 @@ class _Failing:
                 raise self.error()
 
     # TrainingService
-    def reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> ReconcileReport:
+    def reconcile(self, *, dead_owners: tuple[str, ...] = (),
+                  stopping: threading.Event | None = None) -> ReconcileReport:
         self._round("reconcile")
         return ReconcileReport()
 

@@ -616,6 +616,7 @@ class StubTraining:
         self.seconds = seconds
         self.ran: list[tuple[str, str | None]] = []
         self.reconciled: list[tuple[str, ...]] = []
+        self.stops: list[threading.Event | None] = []  # each reconcile's ``stopping``
         self.shutdown = threading.Event()
         self._lock = threading.Lock()
 
@@ -630,8 +631,10 @@ class StubTraining:
                 return
             time.sleep(0.01)
 
-    def reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> ReconcileReport:
+    def reconcile(self, *, dead_owners: tuple[str, ...] = (),
+                  stopping: threading.Event | None = None) -> ReconcileReport:
         self.reconciled.append(tuple(dead_owners))
+        self.stops.append(stopping)
         return ReconcileReport()
 
 
@@ -659,6 +662,23 @@ def test_a_worker_runs_every_message_under_its_identity_and_reconciles_its_own_n
     # At start-up, leases in its own name can only be a dead predecessor's; later rounds not.
     assert training.reconciled[0] == ("host/abc/w0",)
     assert training.reconciled[1] == ()
+
+
+def test_a_worker_s_reconcile_passes_are_given_its_stop() -> None:
+    """Each reconcile pass is handed the worker's stop (``stopping``), which ends the pass's
+    alert sends after the one in flight. Before, a pass sent on, up to ten sends of the alert
+    timeout each (50 s at the default 5 s) where the stop allows 30 s."""
+    training = StubTraining()
+    worker = Worker(training=training, queue=InMemoryQueue(), identity=Identity(name="w"),  # type: ignore[arg-type]
+                    threads=1, reconcile_seconds=0.05)
+    worker.start()
+    try:
+        wait_until(lambda: len(training.stops) >= 2)
+        assert not any(stop is not None and stop.is_set() for stop in training.stops)
+    finally:
+        assert worker.stop()
+    assert training.stops, training.stops
+    assert all(stop is not None and stop.is_set() for stop in training.stops), training.stops
 
 
 def test_stopping_a_worker_asks_running_trainings_to_hand_back_and_joins(queue: Queue) -> None:
@@ -1059,7 +1079,8 @@ class _TakenAsItStops(InMemoryQueue):
 
 
 class _ReconcileDown(StubTraining):
-    def reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> ReconcileReport:
+    def reconcile(self, *, dead_owners: tuple[str, ...] = (),
+                  stopping: threading.Event | None = None) -> ReconcileReport:
         super().reconcile(dead_owners=dead_owners)
         raise DatabaseUnreachableError("connection refused")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -356,6 +357,52 @@ LOG_PAGE = 50
 # default): the rest stay claimed, then due, for the next passes, so that a pass's sends take
 # at most this many alert timeouts.
 ALERTS_PER_PASS = 10
+# The time a reconcile pass gives those sends (``AlertSends``): none starts once it is spent.
+# Ten sends to an endpoint that answers just within the alert timeout took 50 s; a pass's sends
+# now end within this and the one send in flight (5 s by default: 20 s in all), inside the 30 s
+# a worker's stop allows (``worker.STOP_GRACE_S``); a stop asked while they run ends them after
+# the send in flight.
+ALERT_SENDS_SECONDS = 15.0
+
+
+class AlertSends:
+    """What a reconcile pass may still send, its round of due alerts and the alerts of the
+    versions it holds together: at most ``count`` sends, none started once ``seconds`` have
+    passed since it was made (``monotonic``), once ``stopping`` is set (the worker's stop: its
+    grace allows the send in flight, not the pass's other sends), once a send failed (the
+    endpoint is likely down: each further send would cost a timeout) or once ``end`` is called.
+
+    The alerts not sent are left for a later pass, to send once: a due one is not claimed (asked
+    before each claim), one a hold claimed is due once its claim runs out."""
+
+    def __init__(self, *, count: int, seconds: float, stopping: threading.Event | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._left = count
+        self._monotonic = monotonic
+        self._until = monotonic() + seconds
+        self._stopping = stopping
+        self._ended = False
+
+    @property
+    def left(self) -> int:
+        """How many sends the count still allows (the time, a stop or a failure aside)."""
+        return max(0, self._left)
+
+    def allowed(self) -> bool:
+        """Whether one more send may start now."""
+        return (not self._ended and self._left > 0
+                and (self._stopping is None or not self._stopping.is_set())
+                and self._monotonic() < self._until)
+
+    def sent(self, *, delivered: bool) -> None:
+        """A send done: counted, and one that failed ends the pass's sends."""
+        self._left -= 1
+        if not delivered:
+            self._ended = True
+
+    def end(self) -> None:
+        """No send more this pass."""
+        self._ended = True
 
 
 @dataclass(frozen=True)
@@ -749,18 +796,29 @@ class LikenessService:
         # What the round goes on from is how this endpoint answered, recorded or not.
         return bool(delivery["delivered"])
 
-    def deliver_due_alerts(self, *, limit: int = ALERTS_PER_PASS) -> int:
+    def deliver_due_alerts(self, *, sends: AlertSends | None = None) -> int:
         """Send the alerts that are due: those whose sender died before sending, and failed
         deliveries whose next attempt has come; how many were tried. Called by every
         reconciler: each alert is claimed first, so one process sends it. A failure ends the
         round (the endpoint is likely down: the rest wait for the next round rather than each
         costing the reconciler a timeout), and so does a database that gives a call no answer,
-        raised (``DatabaseUnreachableError.unanswered``: each further call would wait as long)."""
+        raised (``DatabaseUnreachableError.unanswered``: each further call would wait as long).
+        ``sends``: what the round may send (its reconcile pass's, shared with the pass's holds;
+        by default ``ALERTS_PER_PASS`` sends in ``ALERT_SENDS_SECONDS``); a failed send ends
+        it too."""
         if self._alerter is None:
+            return 0
+        if sends is None:
+            sends = AlertSends(count=ALERTS_PER_PASS, seconds=ALERT_SENDS_SECONDS)
+        if not sends.allowed():
             return 0
         now = self._clock()
         tried = 0
-        for version_id in self._repo.due_alerts(now, limit=limit):
+        for version_id in self._repo.due_alerts(now, limit=sends.left):
+            # Asked before each claim: an alert not claimed stays due, for the next round to send
+            # once (a claim taken and not sent would keep it from every round until it ran out).
+            if not sends.allowed():
+                break
             # Each claim runs from when it is taken: the sends before it in this round took up
             # to a deadline each, and a claim timed from the round's start could be spent already.
             now = self._clock()
@@ -769,9 +827,11 @@ class LikenessService:
             if claimed is None or claimed.alert is None:
                 continue  # another process took it
             tried += 1
-            if not self._deliver(alerts.ClaimedAlert(version_id=version_id,
-                                                     alert=claimed.alert, claim=until),
-                                 in_round=True):
+            delivered = self._deliver(alerts.ClaimedAlert(version_id=version_id,
+                                                          alert=claimed.alert, claim=until),
+                                      in_round=True)
+            sends.sent(delivered=delivered)
+            if not delivered:
                 break
         return tried
 

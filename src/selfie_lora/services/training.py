@@ -167,7 +167,9 @@ from selfie_lora.services.common import (
 from selfie_lora.services.intake import IntakeService, PreparedDataset
 from selfie_lora.services.layout import manifest_key, photo_key, weights_key
 from selfie_lora.services.likeness import (
+    ALERT_SENDS_SECONDS,
     ALERTS_PER_PASS,
+    AlertSends,
     BaselinePhotosUnreadableError,
     GateVerdict,
     LikenessService,
@@ -395,6 +397,7 @@ class TrainingService:
         clock: Callable[[], datetime] = utcnow,
         owner: str | None = None,
         telemetry: Telemetry | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repo
         self._telemetry: Telemetry = telemetry or NullTelemetry()
@@ -414,6 +417,9 @@ class TrainingService:
         self._rng = rng or random.SystemRandom()
         self.lease = lease or LeasePolicy()
         self._clock = clock
+        # What a reconcile pass's sends are timed by (``AlertSends``): the time spent, not the
+        # wall clock's, which may jump.
+        self._monotonic = monotonic
         self.owner = owner or default_owner()
         # The reconciler's rounds while the queue is down say so once, not every round.
         self._queue_outage = Outage()
@@ -1087,18 +1093,21 @@ class TrainingService:
         """Worker ``name`` stopped: counted no more (not as a stale worker either)."""
         self._repo.worker_gone(name)
 
-    def reconcile(self, *, dead_owners: Sequence[str] = ()) -> ReconcileReport:
+    def reconcile(self, *, dead_owners: Sequence[str] = (),
+                  stopping: threading.Event | None = None) -> ReconcileReport:
         """Queue again every unfinished training that nobody holds and no queued message will
         reach, and cancel those whose user asked for it while nobody held them. ``dead_owners``:
         lease owners known to be gone (a worker restarting under its old name). A queue that
         cannot be reached stops only the queuing: cancels and alerts need the database alone.
         Each part (trainings, due alerts, owed remote cancels) runs whatever the others met,
         but for a database that gave no answer (hung: each part would wait as long again); the
-        first failure is raised after all have run."""
+        first failure is raised after all have run. ``stopping`` (the worker's stop) set, the
+        pass starts no more alert sends (``AlertSends``): they are left for a later pass."""
         with self._database_away.watch(self._clock):
-            return self._reconcile(dead_owners=dead_owners)
+            return self._reconcile(dead_owners=dead_owners, stopping=stopping)
 
-    def _reconcile(self, *, dead_owners: Sequence[str]) -> ReconcileReport:
+    def _reconcile(self, *, dead_owners: Sequence[str],
+                   stopping: threading.Event | None) -> ReconcileReport:
         # Three parts, each run whatever became of the others: a database error in one (the
         # alerts' claim, say) skipped the parts after it until the next round, owed remote
         # cancels included, a Replicate run billed on for one more round. The first failure is
@@ -1118,15 +1127,21 @@ class TrainingService:
         # One send budget for the pass's two parts that send (the due alerts, then those of
         # the versions it holds last): each send costs up to the alert timeout against an
         # endpoint slow to answer, and a cap of each part's own let one pass send twice
-        # ALERTS_PER_PASS. The unsent stay claimed, then due, for the next passes.
-        sends_left = ALERTS_PER_PASS
+        # ALERTS_PER_PASS. A count, a time and the worker's stop: ten sends took 50 s at the
+        # default timeout, where a worker's stop allows 30 s. A failed send ends both parts'
+        # sends (the endpoint is likely down: the holds' first send cost the pass one more
+        # timeout). The unsent stay due, or claimed then due, for the next passes.
+        sends = AlertSends(count=ALERTS_PER_PASS, seconds=ALERT_SENDS_SECONDS,
+                           stopping=stopping, monotonic=self._monotonic)
         if not _unanswered(failures, skipping="sending the alerts that are due"):
             failed = len(failures)
             with _reconcile_part(failures, "sending the alerts that are due"):
                 # The alerts of held versions whose sender died, or whose delivery is due again.
-                alerts_tried = self._likeness.deliver_due_alerts(limit=sends_left)
-            # A round that failed part way sent an unknown number of its alerts: none more now.
-            sends_left = sends_left - alerts_tried if len(failures) == failed else 0
+                alerts_tried = self._likeness.deliver_due_alerts(sends=sends)
+            if len(failures) != failed:
+                # A round that failed part way sent an unknown number of its alerts: none more
+                # now.
+                sends.end()
         remote_cancels = 0
         if not _unanswered(failures, skipping="asking again for the remote cancels owed"):
             with _reconcile_part(failures, "asking again for the remote cancels owed"):
@@ -1136,22 +1151,20 @@ class TrainingService:
         # for, but billed remote runs and dead workers' trainings come first).
         if not _unanswered(failures, skipping="holding back the versions left undecided"):
             with _reconcile_part(failures, "holding back the versions left undecided"):
-                self._hold_left_undecided(sends=sends_left)
+                self._hold_left_undecided(sends=sends)
         if failures:
             raise failures[0]
         return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
                                alerts_tried=alerts_tried, remote_cancels_tried=remote_cancels)
 
-    def _hold_left_undecided(self, *, sends: int) -> None:
+    def _hold_left_undecided(self, *, sends: AlertSends) -> None:
         """Hold back the versions whose hold a lock refused when their training ended (left
         pending, ``_hold_apart``): nothing else decides them, and every front would say they are
-        still being scored; at most ``sends`` of their alerts are sent now (what is left of the
-        pass's budget), the rest left claimed, then due. The lock that left them so may last:
+        still being scored; their alerts are sent now as far as ``sends`` allows (what is left
+        of the pass's budget), the rest left claimed, then due. The lock that left them so may last:
         each hold waits for it a moment only (``atomic_briefly``), and the first one still
         locked ends the part until the next pass (the others likely wait on the same lock: each
         would cost the pass its wait)."""
-        sending = True  # until a delivery fails: the endpoint is likely down for the rest too
-        sent = 0
         for version, t in self._repo.undecided_versions_of_ended_trainings(limit=_UNDECIDED_BATCH):
             alert = None
             hold = None
@@ -1177,9 +1190,8 @@ class TrainingService:
             # round's ``deliver_due_alerts``), as a dead sender's: each send to an endpoint
             # that is down would cost this pass its deadline, and one slow to answer too past
             # the pass's budget of them (``sends``).
-            if alert is not None and sending and sent < sends:
-                sent += 1
-                sending = self._likeness.deliver_alert(alert)
+            if alert is not None and sends.allowed():
+                sends.sent(delivered=self._likeness.deliver_alert(alert))
 
     def _recover_trainings(self, *, dead_owners: Sequence[str], enqueued: list[str],
                            canceled: list[str], unreachable: set[str]) -> None:
