@@ -755,6 +755,47 @@ def test_a_failed_alert_delivery_is_recorded_and_never_fatal(tmp_path: Path) -> 
         rig.close()
 
 
+def test_a_held_version_s_alert_line_is_written_once_its_verdict_committed(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The operator's "likeness alert" line of a verdict that held a version is written once the
+    verdict's transaction committed. One rolled back (a failed commit; here its worker killed
+    before the commit) recorded neither the hold nor the alert, yet its line, written inside the
+    transaction, told of them, and the next attempt's verdict said it a second time."""
+    ann = rig.user()
+    rig.train(ann)
+    generator_of(rig).photos = other_person()
+    apply = LikenessService.apply_verdict
+    killed: list[str] = []
+
+    def killed_before_the_commit(service: LikenessService, tx: Any, verdict: Any) -> Any:
+        decided = apply(service, tx, verdict)
+        if not killed:
+            killed.append(verdict.version_id)
+            raise SimulatedCrash("killed before the verdict's transaction committed")
+        return decided
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("likeness alert:")]
+
+    monkeypatch.setattr(LikenessService, "apply_verdict", killed_before_the_commit)
+    with caplog.at_level("INFO", logger="selfie_lora"):
+        with pytest.raises(SimulatedCrash):
+            rig.train(ann)
+        [version_id] = killed
+        pending = rig.repo.get_version(version_id)
+        assert pending is not None
+        assert pending.gate_status is GateStatus.PENDING  # rolled back: nothing held
+        assert said() == []
+        rig.restart()  # the next attempt's verdict commits
+    held = rig.repo.get_version(version_id)
+    assert held is not None
+    assert held.gate_status is GateStatus.HELD, held.gate_reason
+    assert said() == [f"likeness alert: version 2 of model {held.model_id} held back: "
+                      f"{held.gate_reason}"]
+    assert len(alerts_of(rig)) == 1
+
+
 def test_a_version_that_cannot_be_scored_is_held_with_the_reason(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     class Broken(PhotoGenerator):

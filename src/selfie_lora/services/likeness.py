@@ -205,28 +205,29 @@ class GateVerdict:
 
 
 @dataclass(frozen=True)
-class UnjudgedHold:
-    """A version ``hold_unjudged`` held: its alert claimed by this process, to deliver once the
-    hold committed (None: no alerter, the alert recorded, never sent), and the operator's log
-    line, to write once it committed too (``log``)."""
+class GateDecided:
+    """A version's gate decided inside a caller's transaction (``apply_verdict``,
+    ``hold_unjudged``): a held one's alert claimed by this process, to deliver once that
+    transaction committed (None: it passed, or no alerter, the alert recorded, never sent), and
+    the operator's log line, to write once it committed too (``log``)."""
 
     alert: alerts.ClaimedAlert | None
+    status: GateStatus
     version_number: int
     model_id: str
     reason: str
 
     def log(self) -> None:
-        """The operator's "likeness alert" line, for the caller to write once the hold's
-        transaction committed: one written inside it stood for an alert never recorded when the
-        transaction was rolled back (a cancel asked before the hold, a failed commit)."""
-        _log_held(self.version_number, self.model_id, self.reason)
-
-
-def _log_held(version_number: int, model_id: str, reason: str) -> None:
-    """The operator's "likeness alert" line of a held version, one wording for the gate's verdict
-    (``apply_verdict``) and a version it could not judge (``UnjudgedHold.log``)."""
-    logger.warning("likeness alert: version %d of model %s held back: %s", version_number,
-                   model_id, reason)
+        """The operator's line of the decision (a held version's "likeness alert" WARNING), for
+        the caller to write once the transaction committed: one written inside it told of a
+        decision, and an alert, never recorded when the transaction was rolled back (a cancel
+        asked before the hold, a failed commit)."""
+        if self.status is GateStatus.PASSED:
+            logger.info("version %d of model %s passed the likeness gate: %s",
+                        self.version_number, self.model_id, self.reason)
+        else:
+            logger.warning("likeness alert: version %d of model %s held back: %s",
+                           self.version_number, self.model_id, self.reason)
 
 
 @dataclass(frozen=True)
@@ -571,11 +572,12 @@ class LikenessService:
             details=decision.details, baseline=baseline,
             reference_id=reference.dataset_id if reference else None, record=record)
 
-    def apply_verdict(self, tx: Repository, verdict: GateVerdict) -> alerts.ClaimedAlert | None:
+    def apply_verdict(self, tx: Repository, verdict: GateVerdict) -> GateDecided | None:
         """Record ``verdict`` inside the caller's transaction ``tx``: the version's gate, its
         activation when it passed (unless its user activated another version meanwhile) and,
-        when it was held, an alert, claimed by this process when there is an alerter (returned,
-        to deliver once the transaction committed)."""
+        when it was held, an alert, claimed by this process when there is an alerter. Returned
+        (None: decided before, or gone): that alert, to deliver once the transaction committed,
+        and the operator's line, to write then too (``GateDecided.log``)."""
         locked = _lock_model_and_version(tx, verdict.model_id, verdict.version_id)
         if locked is None:
             return None
@@ -628,12 +630,8 @@ class LikenessService:
                                          details=verdict.details, message=reason, at=now)
         self._gate_event(tx, current, status=verdict.status, baseline=baseline, reason=reason,
                          details=verdict.details)
-        if verdict.status is GateStatus.PASSED:
-            logger.info("version %d of model %s passed the likeness gate: %s", current.number,
-                        current.model_id, reason)
-        else:
-            _log_held(current.number, current.model_id, reason)
-        return claimed
+        return GateDecided(alert=claimed, status=verdict.status, version_number=current.number,
+                           model_id=current.model_id, reason=reason)
 
     def hold_canceled(self, tx: Repository, version_id: str) -> bool:
         """Inside the caller's transaction: the version of a training its user canceled before
@@ -644,13 +642,13 @@ class LikenessService:
                                     mark="canceled") is not None
 
     def hold_unjudged(self, tx: Repository, version_id: str, *, why: str
-                      ) -> UnjudgedHold | None:
+                      ) -> GateDecided | None:
         """Inside the caller's transaction: a version the gate could not judge (``why``, its
         owner's words) is kept, held, never activated by the gate, as a canceled one is; None
         when it was not (decided already, or gone). Unlike a canceled one (its owner asked for
         the end), its owner learns of it as of any version the gate held: the ``not_scored``
         alert, recorded and claimed as ``apply_verdict``'s (the returned hold's, to deliver
-        once ``tx`` committed, and its log line, ``UnjudgedHold.log``, to write then too), and
+        once ``tx`` committed, and its log line, ``GateDecided.log``, to write then too), and
         the ``gate_held`` entry of the retraining log."""
         held = self._hold_undecided(tx, version_id, reason=UNJUDGED_REASON.replace("{why}", why),
                                     mark="unjudged")
@@ -661,8 +659,8 @@ class LikenessService:
                                      message=reason, at=self._clock())
         self._gate_event(tx, version, status=GateStatus.HELD, baseline=None, reason=reason,
                          details={})
-        return UnjudgedHold(alert=claimed, version_number=version.number,
-                            model_id=version.model_id, reason=reason)
+        return GateDecided(alert=claimed, status=GateStatus.HELD, version_number=version.number,
+                           model_id=version.model_id, reason=reason)
 
     def _hold_undecided(self, tx: Repository, version_id: str, *, reason: str,
                         mark: str) -> tuple[Model, Version, str] | None:

@@ -2044,12 +2044,12 @@ class TrainingService:
             raise _UnreachableError(exc.message, remote_id=None, reason=SCORING_LOCKED,
                                     cause=exc, scoring=True, hold=lock_gap) from exc
         self._storage_again(held)
-        alert = None
+        decided = None
         with self._holding(held) as (tx, current):
             if current.cancel_requested:
                 self._cancel_in(tx, current, reason="canceled while its version was scored")
                 return
-            alert = self._likeness.apply_verdict(tx, verdict)
+            decided = self._likeness.apply_verdict(tx, verdict)
             version = tx.get_version(verdict.version_id)
             assert version is not None
             done = transition(current, TrainingStatus.SUCCEEDED, at=self._clock(),
@@ -2057,11 +2057,16 @@ class TrainingService:
             tx.save_training(done)
             tx.add_event(model_id=current.model_id, kind="training_succeeded",
                          data=succeeded_event(done, version, verdict))
+        if decided is not None:
+            # Once committed only: the gate's line (a held version's "likeness alert") written
+            # inside the transaction told of a decision, and an alert, that a failed commit never
+            # recorded.
+            decided.log()
         self._ended(done)
         logger.info("training %s succeeded: version %d %s (%s)", held.training_id,
                     version.number, version.gate_status, version.gate_reason)
-        if alert is not None:
-            self._likeness.deliver_alert(alert)
+        if decided is not None and decided.alert is not None:
+            self._likeness.deliver_alert(decided.alert)
 
     # ------------------------------------------------------------------ endings
     def _end_unjudged(self, held: _Held, version: Version, *, stops: int, locked: bool) -> None:
