@@ -2175,6 +2175,9 @@ class TrainingService:
                 # told the operator of one.
                 hold.log()
         except _CanceledMeanwhileError:
+            # Held as a canceled training's instead, in a transaction of its own (the one above
+            # was rolled back). One call deep at most: with ``canceled`` the hold returns before
+            # the read that raises this, so this handler is never reached from that call.
             return self._hold_apart(training_id, version_id, canceled=True)
         except StorageError as exc:
             # Still pending (the gate never activates it once its training has ended): its
