@@ -27,14 +27,28 @@ _SQLITE_IOERR = 10
 _SQLITE_FULL = 13
 # PostgreSQL's SQLSTATE disk_full (class 53, insufficient resources).
 _PG_DISK_FULL = "53100"
+# How a PostgreSQL server's message says a quota used up on its disk: it maps ENOSPC to
+# disk_full but EDQUOT to no class of its own (internal_error, XX000), with the C library's words
+# for it in the message ("could not extend file ...: Disk quota exceeded"). glibc's words: a
+# server whose lc_messages translates them is not told apart (its quota is said as before).
+_PG_QUOTA_WORDS = "disk quota exceeded"
 
 
 def is_full_error(exc: BaseException | None) -> bool:
     """True for an error that says the disk (or a quota) is full, whatever raised it."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return driver_says(exc, sqlstate=_PG_DISK_FULL, sqlite_code=_SQLITE_FULL,
-                       words="database or disk is full")
+    return _pg_quota(exc) or driver_says(exc, sqlstate=_PG_DISK_FULL, sqlite_code=_SQLITE_FULL,
+                                         words="database or disk is full")
+
+
+def _pg_quota(exc: BaseException | None) -> bool:
+    """Whether a PostgreSQL driver's error (it carries a SQLSTATE: psycopg's ``sqlstate``,
+    psycopg2's ``pgcode``) says a quota on the server's disk is used up (``_PG_QUOTA_WORDS``).
+    SQLite's errors carry no errno: its EDQUOT is a "disk I/O error" or "database or disk is
+    full", not told from other causes."""
+    state = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    return state is not None and _PG_QUOTA_WORDS in str(exc).lower()
 
 
 def is_io_error(exc: BaseException | None) -> bool:
@@ -60,9 +74,10 @@ def free_bytes(path: Path | str) -> int | None:
 
 
 def is_quota_error(exc: BaseException | None) -> bool:
-    """True for a quota used up (EDQUOT): the disk itself may have room, which ``statvfs`` (and
-    ``df``) show, since neither sees a user's, group's or project's quota."""
-    return isinstance(exc, OSError) and exc.errno == errno.EDQUOT
+    """True for a quota used up (EDQUOT, or a PostgreSQL server's words for it): the disk itself
+    may have room, which ``statvfs`` (and ``df``) show, since neither sees a user's, group's or
+    project's quota."""
+    return (isinstance(exc, OSError) and exc.errno == errno.EDQUOT) or _pg_quota(exc)
 
 
 # What to do about a quota used up (EDQUOT), where a full disk's advice is to free space: the

@@ -33,6 +33,7 @@ from selfie_lora.errors import (
     StorageError,
     StorageFullError,
 )
+from selfie_lora.services.common import QUOTA_USED_UP, refusal_said
 from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import InMemoryQueue
 from selfie_lora.worker import Identity, Worker
@@ -43,6 +44,14 @@ class _PgReadOnly(sqlite3.OperationalError):
     (read_only_sql_transaction), carried as ``sqlstate``."""
 
     sqlstate = "25006"
+
+
+class _PgQuota(sqlite3.OperationalError):
+    """A driver's error as psycopg raises it over a used-up quota on the server's disk: no
+    SQLSTATE of its own (internal_error, where ENOSPC is disk_full), the C library's words in
+    the message."""
+
+    sqlstate = "XX000"
 
 
 def _refusing(tmp_path: Path, error: Exception) -> SqlRepository:
@@ -65,6 +74,21 @@ def test_a_read_only_database_is_a_refusal(tmp_path: Path, error: Exception) -> 
     with pytest.raises(DatabaseRefusedError) as caught:
         repo.get_training("t1", for_update=True)
     assert caught.value.message == f"database error: {error}"
+
+
+def test_a_used_up_quota_on_the_database_server_is_a_refusal_said_as_a_quota(
+        tmp_path: Path) -> None:
+    # Old code: a StorageError (a defect, its traceback at every round of every loop), and no
+    # error of the database ever a quota, so the heartbeat's and the loops' quota words were
+    # never said of it.
+    repo = _refusing(tmp_path, _PgQuota(
+        'could not extend file "base/16384/16397": Disk quota exceeded'))
+    with pytest.raises(StorageFullError) as caught:
+        repo.get_training("t1", for_update=True)
+    assert caught.value.quota
+    assert refusal_said(caught.value) == QUOTA_USED_UP
+    assert "quota" in caught.value.message.split(": Disk quota exceeded")[0], caught.value.message
+    assert "is full" not in caught.value.message
 
 
 def test_a_read_only_sqlite_file_is_a_refusal_by_sqlite_s_own_code(tmp_path: Path) -> None:
@@ -157,6 +181,14 @@ REFUSALS: dict[str, Callable[[Path], Exception]] = {
     # A write of this machine's disk that no adapter mapped (a hold's copy, a work folder).
     "local-disk-full": lambda _p: OSError(errno.ENOSPC, "No space left on device"),
 }
+# A used-up quota (EDQUOT), as an adapter says it and as no adapter mapped it: said as the
+# refusals above, with what to do about it.
+QUOTAS: dict[str, Callable[[Path], Exception]] = {
+    "database-quota": lambda _p: StorageFullError(
+        "database error: the quota of this account on the disk holding /srv/selfie-lora.db is "
+        "used up (the disk itself has 2.0 GB free): database or disk is full", quota=True),
+    "local-quota": lambda _p: OSError(errno.EDQUOT, "Disk quota exceeded"),
+}
 
 LOOPS = {
     "reconcile": "reconciling trainings",
@@ -234,17 +266,24 @@ def _five_refused_then_two(logged: pytest.LogCaptureFixture, loop: str,
 
 
 @pytest.mark.parametrize("loop", list(LOOPS))
-@pytest.mark.parametrize("refusal", list(REFUSALS))
+@pytest.mark.parametrize("refusal", [*REFUSALS, *QUOTAS])
 def test_a_lasting_refusal_is_said_once_per_loop_and_its_end_once(
         tmp_path: Path, logged: pytest.LogCaptureFixture, loop: str, refusal: str) -> None:
-    error = REFUSALS[refusal](tmp_path)
+    error = {**REFUSALS, **QUOTAS}[refusal](tmp_path)
     said = _five_refused_then_two(logged, loop, error)
     # Old code: five ERROR records, each with its traceback, and no end.
     assert [(r.levelname, bool(r.exc_info)) for r in said] == [
         ("WARNING", False), *[("DEBUG", True)] * 4, ("INFO", False)]
     words = error.message if isinstance(error, StorageError) else str(error)
     assert words in said[0].getMessage()
-    assert "(its end is logged)" in said[0].getMessage()
+    if refusal in QUOTAS:
+        # As the training heartbeat says it: raise the quota, where a full disk's words sent
+        # the operator to free space (old code: no advice).
+        assert said[0].getMessage().endswith(
+            "(its end is logged; raise the quota or delete files it counts)"), said[0].getMessage()
+        assert "full disk" not in said[0].getMessage()
+    else:
+        assert "(its end is logged)" in said[0].getMessage()
     assert "\n" not in said[0].getMessage()
     assert "goes through again" in said[-1].getMessage()
     assert not [r for r in logged.records if r.levelno >= logging.ERROR]
@@ -300,9 +339,16 @@ def _gc_said(logged: pytest.LogCaptureFixture,
     (REFUSALS["local-disk-full"], _pool_exhausted, "a full disk"),
     (_pool_exhausted, _read_only, "the database's connections all taken"),
     (_read_only, REFUSALS["database-full"], "a read-only database"),
-    (_locked, _pool_exhausted, "statements kept waiting by a lock or past the database's timeout")],
+    (_locked, _pool_exhausted, "statements kept waiting by a lock or past the database's timeout"),
+    # A used-up quota was "a full disk" (the operator sent to free space df shows is there),
+    # and a disk that filled after it was not said at all (one kind).
+    (QUOTAS["database-quota"], _read_only, "a used-up disk quota"),
+    (QUOTAS["local-quota"], _pool_exhausted, "a used-up disk quota"),
+    (QUOTAS["database-quota"], REFUSALS["database-full"], "a used-up disk quota"),
+    (REFUSALS["local-disk-full"], QUOTAS["local-quota"], "a full disk")],
     ids=["full-then-read-only", "local-full-then-pool", "pool-then-read-only",
-         "read-only-then-full", "locked-then-pool"])
+         "read-only-then-full", "locked-then-pool", "quota-then-read-only",
+         "local-quota-then-pool", "quota-then-full", "local-full-then-quota"])
 def test_a_refusal_of_another_kind_while_one_lasts_is_said_too(
         tmp_path: Path, logged: pytest.LogCaptureFixture, first: Callable[[Path], Exception],
         then: Callable[[Path], Exception], was: str) -> None:

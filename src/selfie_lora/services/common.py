@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from selfie_lora.disk_space import is_full_error, is_quota_error
+from selfie_lora.disk_space import QUOTA_ADVICE, is_full_error, is_quota_error
 from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
 from selfie_lora.errors import (
     BlobStoreUnreachableError,
@@ -263,8 +263,9 @@ class LoopOutages:
     (``BlobStoreUnreachableError``) are each said once at WARNING when they begin (``Outage``),
     their own words and no traceback, at DEBUG at each retry, and their end once at INFO, where
     every round logged a traceback while PostgreSQL was down (and a WARNING while S3 was). So is
-    a refusal that lasts (``refused``: a full disk, the database's or this machine's, the
-    pool's connections all taken, a read-only standby), its traceback at DEBUG at each retry.
+    a refusal that lasts (``refused``: a full disk, the database's or this machine's, a used-up
+    quota, the pool's connections all taken, a read-only standby), its traceback at DEBUG at
+    each retry.
     Any other error keeps its traceback (a defect to see), except, with
     ``refusals_are_outages``, any other ``StorageError``: said as a refusal."""
 
@@ -311,10 +312,16 @@ class LoopOutages:
             # read-only standby met before a round went through) is said too, naming the one
             # it takes over from: at DEBUG only, the operator would still read the first one's.
             # Each kind once until a round goes through (``Outage.begins_as``).
-            began, before = self._refused.begins_as(refusal_kind(exc), ticket=refused_ticket)
+            # A used-up quota (EDQUOT) told apart from a full disk (``refusal_said``), as the
+            # training heartbeat says it: "refused for a full disk" sent the operator to free
+            # space ``df`` shows is there, where the quota is to be raised.
+            kind = refusal_said(exc)
+            began, before = self._refused.begins_as(kind, ticket=refused_ticket)
             words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
             was = f"; it was refused for {before} until now" if began and before else ""
-            if began and isinstance(exc, DatabaseRefusedError) and exc.pool_exhausted:
+            if began and kind == QUOTA_USED_UP:
+                was += f"; {QUOTA_ADVICE}"
+            elif began and isinstance(exc, DatabaseRefusedError) and exc.pool_exhausted:
                 # The pool's words point at its size alone; a connection a defect never gives
                 # back exhausts it too (once an ERROR with its traceback each round).
                 was += ("; SELFIE_LORA_DB_POOL_SIZE too small for the load, or, if raising it "
@@ -383,10 +390,10 @@ QUOTA_USED_UP = "a used-up disk quota"
 
 
 def refusal_said(exc: BaseException) -> str:
-    """``refusal_kind`` as a line says it to the operator: a used-up quota told apart from a full
-    disk (``QUOTA_USED_UP``), since the disk itself may have room (``df`` does not see a quota)
-    and the mend is to raise the quota, not to free space. ``refusal_kind`` keeps them one kind
-    where only the grouping of a loop's refusals matters (``LoopOutages``)."""
+    """``refusal_kind`` as a line says it to the operator (a training's heartbeat,
+    ``LoopOutages``, an account deletion's): a used-up quota told apart from a full disk
+    (``QUOTA_USED_UP``), since the disk itself may have room (``df`` does not see a quota) and
+    the mend is to raise the quota, not to free space."""
     kind = refusal_kind(exc)
     if kind == FULL_DISK and (is_quota_error(exc)
                               or (isinstance(exc, StorageFullError) and exc.quota)):

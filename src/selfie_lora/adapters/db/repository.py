@@ -66,7 +66,7 @@ from selfie_lora.adapters.db.tables import (
 )
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.database_url import database_url_shown
-from selfie_lora.disk_space import full_disk_words, is_full_error
+from selfie_lora.disk_space import full_disk_words, is_full_error, is_quota_error
 from selfie_lora.domain.accounts import (
     AccountErasingError,
     ErasurePlan,
@@ -653,9 +653,11 @@ class SqlRepository:
         except DBAPIError as exc:
             if is_full_error(exc.orig):
                 # An outage the operator ends by freeing space, not a failing database: the
-                # worker says it once and waits (``StorageFullError``), naming the disk.
-                raise StorageFullError(f"database error: {self._full_disk()}: {exc.orig}"
-                                       ) from exc
+                # worker says it once and waits (``StorageFullError``), naming the disk. A quota
+                # (PostgreSQL's words for it) said as one: its mend is to raise it, and the
+                # heartbeat and the loops say so only for an error that says a quota.
+                raise StorageFullError(f"database error: {self._full_disk(exc.orig)}: "
+                                       f"{exc.orig}", quota=is_quota_error(exc.orig)) from exc
             if _unreachable(exc):
                 raise DatabaseUnreachableError(f"database error: {exc.orig}",
                                                unanswered=_unanswered(exc)) from exc
@@ -684,11 +686,14 @@ class SqlRepository:
                 raise DatabaseBusyError(f"database error: {reason}") from exc
             raise StorageError(f"database error: {reason}") from exc
 
-    def _full_disk(self) -> str:
-        """The disk a full-disk error of this database is about, as the operator finds it."""
+    def _full_disk(self, orig: BaseException | None) -> str:
+        """The disk a full-disk error ``orig`` of this database is about, as the operator finds
+        it: a quota on it used up said as one (``is_quota_error``)."""
         url = self._engine.url
         if url.get_backend_name() == "sqlite" and url.database:
-            return full_disk_words(url.database)
+            return full_disk_words(url.database, orig)
+        if is_quota_error(orig):
+            return "a disk quota of the database server is used up"
         return "the database server's disk is full"
 
     # users ------------------------------------------------------------------------------
