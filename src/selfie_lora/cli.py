@@ -36,7 +36,7 @@ from selfie_lora.console import (
 )
 from selfie_lora.domain.entities import Finding, GateStatus, Training, User, Version
 from selfie_lora.domain.lease import lease_is_live, wait_text
-from selfie_lora.domain.likeness import gate_reason_now, unscored_words
+from selfie_lora.domain.likeness import Undecided, gate_reason_now, unscored_words
 from selfie_lora.domain.plan import lora_scale_from_text, lora_scale_text
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
@@ -1596,7 +1596,7 @@ def versions_cmd(
     likeness gate's decision, and which is active ('selfie-lora activate N --user NAME' rolls
     back)."""
     from selfie_lora.api.serializers import version_json
-    from selfie_lora.domain.likeness import gate_cell, likeness_cell
+    from selfie_lora.domain.likeness import UNDECIDED_WORDS, gate_cell, likeness_cell
 
     with opened(existing="no versions to list", trainers={}, generators={}) as services:
         owner = services.users.get_by_name(name=user)
@@ -1606,6 +1606,8 @@ def versions_cmd(
         found = [version_json(v, record, base=base) for v, record in listed]
         # The cells as the Versions page words them (domain.likeness), by version id.
         cells = {v.id: (likeness_cell(v, record), gate_cell(v)) for v, record in listed}
+        # Why the gate has not decided on a pending one, where a database lock is why.
+        undecided = services.training.undecided_of(versions=[v for v, _ in listed])
     if as_json:
         sys.stdout.write(json.dumps({"versions": found, "older": None}) + "\n")
         return
@@ -1633,6 +1635,10 @@ def versions_cmd(
                                      active_number=active_number)
             console.print(f"version {v['number']} {held}: {reason}",
                           markup=False, highlight=False, soft_wrap=True)
+        elif v["id"] in undecided:
+            # As the Versions page's Gate cell says it: "pending" alone read as scoring going on.
+            console.print(f"version {v['number']} pending: {UNDECIDED_WORDS[undecided[v['id']]]}",
+                          markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("activate")
@@ -1651,7 +1657,10 @@ def activate_cmd(
         before = services.models.overview(user=owner).active
         # The model as the activation left it, not read again (another activation may follow).
         now = services.models.activate(user=owner, version_id=number).active
-    assert now is not None  # activate made one active
+        assert now is not None  # activate made one active
+        # Why the gate has not decided on it, where a database lock is why: "still being
+        # scored" was said of it too, as the Versions page no longer does.
+        undecided = services.training.undecided_of(versions=[now]).get(now.id)
     was = f" (was version {before.number})" if before is not None else ""
     if before is not None and before.id == now.id:
         was = " (it was already)"
@@ -1659,6 +1668,12 @@ def activate_cmd(
     against = {GateStatus.HELD: ", although the likeness gate held it back",
                GateStatus.PENDING: ", although its likeness is still being scored"}.get(
         now.gate_status, "")
+    if undecided is Undecided.SCORING_KEPT_WAITING:
+        against = (", although its likeness could not be scored yet (the database was busy): "
+                   "the gate has not decided yet")
+    elif undecided is Undecided.VERDICT_KEPT_WAITING:
+        against = (", although the likeness gate's decision on it could not be saved yet (the "
+                   "database was busy; its likeness is scored)")
     console.print(f"version {now.number} of {owner.name}'s model is active{was}{against}; "
                   "generations that name no version use it", markup=False, highlight=False,
                   soft_wrap=True)

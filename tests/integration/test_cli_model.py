@@ -36,6 +36,7 @@ from tests.integration.test_cli_out import settings as settings  # the fixtures,
 from tests.integration.test_cli_out import trained as trained  # ann's two trainings run once
 from tests.integration.test_cli_out import trained_home as trained_home  # for the module
 from tests.support.photos import photo_zip
+from tests.support.trainings import stepped_away_on_a_lock
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -308,6 +309,37 @@ def test_train_names_the_activate_command_for_a_held_version(
         said.split())
     row = next(line for line in said.splitlines() if line.startswith("│ 3 "))
     assert "│ held, activated anyway │ active │" in row
+
+
+def test_activate_says_what_a_database_lock_left_of_a_pending_version(
+        trained: Services) -> None:
+    """'although its likeness is still being scored' was said of a version whose scoring a
+    database lock stopped, and of one scored whose gate decision's write it stopped, and
+    'versions' said 'pending' alone: said as the Versions page says them
+    (``TrainingService.undecided``)."""
+    ann = trained.users.get_by_name(name="ann")
+    v1 = trained.models.version(user=ann, version_id="1")
+    for scored, pending, against in [
+            (False, "its likeness could not be scored yet: the database was busy; it is scored "
+                    "again shortly",
+             "although its likeness could not be scored yet (the database was busy): the gate "
+             "has not decided yet"),
+            (True, "its likeness is scored, but the gate's decision could not be saved yet: the "
+                   "database was busy; it is tried again shortly",
+             "although the likeness gate's decision on it could not be saved yet (the database "
+             "was busy; its likeness is scored)")]:
+        stepped_away_on_a_lock(trained, v1, scored=scored)
+        code, said = run("versions", "--user", "ann")
+        assert code == 0, said
+        # Below the table, as the Versions page's Gate cell says it.
+        assert f"version 1 pending: {pending}" in said, said
+        code, said = run("activate", "1", "--user", "ann")
+        assert code == 0, said
+        # After the service's log line of the override.
+        assert said.strip().splitlines()[-1] == (
+            f"version 1 of ann's model is active (was version 2), {against}; generations that "
+            "name no version use it")
+        assert run("activate", "2", "--user", "ann")[0] == 0
 
 
 def test_a_custom_lora_scale_is_set_and_survives_retraining(trained: Services,

@@ -20,7 +20,7 @@ import pytest
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.domain import alerts
 from selfie_lora.domain.entities import Dataset, GateStatus, Training, TrainingStatus, Version
-from selfie_lora.domain.likeness import LikenessStatus
+from selfie_lora.domain.likeness import LikenessStatus, Undecided
 from selfie_lora.errors import DatabaseLockedError
 from selfie_lora.services.layout import reference_key
 from selfie_lora.services.likeness import AlertSends, LikenessService
@@ -208,13 +208,22 @@ def test_a_lock_that_never_ends_while_a_version_is_scored_ends_after_its_attempt
         rig.services.close()
 
 
-def _kept_waiting(rig: _Rig, t: Training) -> bool:
-    """Whether the Versions page says ``t``'s version waits out a database lock to be scored
-    (``scoring_kept_waiting``, from the history the page reads)."""
+def _undecided(rig: _Rig, t: Training) -> Undecided | None:
+    """Why the Versions page says the gate has not decided on ``t``'s version, a database lock
+    (``TrainingService.undecided``, from the history the page reads); the Generate page and
+    ``selfie-lora activate`` say the same (``undecided_of``, from the version alone)."""
     history = rig.services.models.history(user=rig.user)
     assert history is not None
     assert t.version_id is not None
-    return t.version_id in rig.services.training.scoring_kept_waiting(history=history)
+    why = rig.services.training.undecided(history=history).get(t.version_id)
+    version = rig.version(t)
+    assert rig.services.training.undecided_of(versions=[version]).get(version.id) == why
+    return why
+
+
+def _kept_waiting(rig: _Rig, t: Training) -> bool:
+    """Whether the Versions page says ``t``'s version waits out a database lock to be scored."""
+    return _undecided(rig, t) is Undecided.SCORING_KEPT_WAITING
 
 
 def test_the_database_was_busy_is_not_said_while_the_next_attempt_scores_the_version(
@@ -275,6 +284,15 @@ def test_a_scored_version_whose_verdict_write_a_lock_stopped_is_not_said_unscore
         assert record is not None
         assert record.status is LikenessStatus.SCORED
         assert not _kept_waiting(rig, second)
+        # Said as what it is: scored, the gate's decision not saved (the usual "still being
+        # scored" words were said of it).
+        assert _undecided(rig, second) is Undecided.VERDICT_KEPT_WAITING
+        # Its next attempt judges it (from its scores): no longer said.
+        rig.clock.past(second)
+        rig.services.training.run(second.id)
+        done = rig.training(second.id)
+        assert done.status is TrainingStatus.SUCCEEDED, done.error
+        assert _undecided(rig, done) is None
     finally:
         rig.services.close()
 

@@ -36,7 +36,6 @@ from selfie_lora.api.app import create_app
 from selfie_lora.api.server_errors import server_error_sentence
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus, User, Version
-from selfie_lora.domain.likeness import LOCKED_AWAY_KEY, LikenessStatus
 from selfie_lora.domain.plan import (
     DEFAULT_LORA_SCALE,
     LORA_SCALE_MAX,
@@ -55,7 +54,6 @@ from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY, chart_key
 from selfie_lora.services.likeness import grid_text
 from selfie_lora.services.ports import BlobStream, ProgressSink, TrainingJob, TrainingResult
-from selfie_lora.services.training import SCORING_LOCKED
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.web.app import WEB_ROOT
@@ -70,6 +68,7 @@ from tests.support.likeness import count_charts_drawn
 from tests.support.owners import own_model
 from tests.support.passwords import FAST_HASHER
 from tests.support.photos import synthetic_photo
+from tests.support.trainings import stepped_away_on_a_lock
 
 PASSWORD = "a long password"
 
@@ -2733,29 +2732,10 @@ def test_a_version_whose_scoring_a_lock_stopped_says_the_database_was_busy(
     page, in its Gate cell and when it is used; "still being scored" read as work going on. Once
     the row no longer says so, it is worded as any pending version again."""
     _, _, v2 = _two_versions_the_first_active(ann, svc)
-    svc.repo.set_version_gate(v2.id, status=GateStatus.PENDING, reason=None, details={})
-    done = svc.repo.get_training(v2.training_id)
-    assert done is not None
     # The attempt that stepped away on the lock noted, as ``_step_away`` does; its likeness
     # not scored (one scored is not scored again).
-    record = svc.repo.get_likeness(v2.id)
-    if record is not None:
-        svc.repo.save_likeness(replace(record, status=LikenessStatus.PENDING))
-    stepped_away = replace(done, status=TrainingStatus.PROCESSING, completed_at=None,
-                           error=SCORING_LOCKED,
-                           metrics={**done.metrics, LOCKED_AWAY_KEY: done.attempt})
-    svc.repo.save_training(stepped_away)
-
-    def use_words() -> tuple[str, str, str]:
-        """The page, and the words of v2's use dialog and of the box standing for it."""
-        page = ann.get("/versions").text
-        dialog = re.search(r'data-confirm="(Use version 2[^"]*)"', page)
-        box = re.search(r'id="sure-use-2"[^>]*> ([^<]*)</label>', page)
-        assert dialog
-        assert box
-        return page, html.unescape(dialog.group(1)), html.unescape(box.group(1))
-
-    page, dialog, box = use_words()
+    stepped_away = stepped_away_on_a_lock(svc, v2, scored=False)
+    page, dialog, box = _use_words(ann, 2)
     assert ('<td>pending: <span class="muted">its likeness could not be scored yet: the '
             "database was busy; it is scored again shortly</span></td>") in page
     assert "could not be scored yet (the database was busy)" in dialog, dialog
@@ -2763,9 +2743,57 @@ def test_a_version_whose_scoring_a_lock_stopped_says_the_database_was_busy(
     assert box == "Yes, use version 2 although its likeness could not be scored yet"
     # Its next attempt claims it and scores it: the row's words stay until it ends.
     svc.repo.save_training(replace(stepped_away, attempt=stepped_away.attempt + 1))
-    page, dialog, box = use_words()
+    page, dialog, box = _use_words(ann, 2)
     assert "the database was busy" not in page
     assert "still being scored" in dialog, dialog
+    assert box == "Yes, use version 2 although its likeness is still being scored"
+
+
+def _use_words(client: TestClient, number: int) -> tuple[str, str, str]:
+    """The Versions page, and the words of version ``number``'s use dialog and of the box
+    standing for it."""
+    page = client.get("/versions").text
+    dialog = re.search(rf'data-confirm="(Use version {number}[^"]*)"', page)
+    box = re.search(rf'id="sure-use-{number}"[^>]*> ([^<]*)</label>', page)
+    assert dialog
+    assert box
+    return page, html.unescape(dialog.group(1)), html.unescape(box.group(1))
+
+
+def test_a_version_a_lock_left_undecided_is_worded_as_such_wherever_it_is_listed(
+        ann: TestClient, svc: Services) -> None:
+    """The Generate page's version list said "its likeness still being scored" of a version
+    whose scoring a database lock stopped, and the Versions page (its use dialog, the box
+    standing for it, its Gate cell) said it, or nothing, of one whose likeness was scored and
+    whose gate decision's write the lock stopped: each says what the lock left
+    (``TrainingService.undecided``); once the next attempt claims it, the usual words."""
+    _, _, v2 = _two_versions_the_first_active(ann, svc)
+
+    def option() -> str:
+        """The words of v2's option in the Generate page's version list."""
+        found = re.search(r'<option value="2"[^>]*>([^<]*)</option>', ann.get("/generate").text)
+        assert found
+        return html.unescape(found.group(1))
+
+    stepped_away_on_a_lock(svc, v2, scored=False)
+    assert option() == "v2 (its likeness could not be scored yet: the database was busy)"
+    # Scored, the lock on the gate's verdict write (the Gate cell said "pending" alone).
+    stepped_away = stepped_away_on_a_lock(svc, v2, scored=True)
+    page, dialog, box = _use_words(ann, 2)
+    assert ("<td>pending: <span class=\"muted\">its likeness is scored, but the gate's decision "
+            "could not be saved yet: the database was busy; it is tried again shortly</span>"
+            "</td>") in html.unescape(page)
+    assert "still being scored" not in dialog, dialog
+    assert ("although the likeness gate's decision on it could not be saved yet (the database "
+            "was busy; its likeness is scored)") in dialog, dialog
+    assert box == "Yes, use version 2 although the gate's decision could not be saved yet"
+    assert option() == ("v2 (the likeness gate's decision could not be saved yet: the database "
+                        "was busy)")
+    # Its next attempt claims it (the row's words stay until it ends): the usual words again.
+    svc.repo.save_training(replace(stepped_away, attempt=stepped_away.attempt + 1))
+    assert option() == "v2 (its likeness still being scored)"
+    page, dialog, box = _use_words(ann, 2)
+    assert "the database was busy" not in page
     assert box == "Yes, use version 2 although its likeness is still being scored"
 
 

@@ -714,6 +714,33 @@ def gate_cell(version: Version) -> str:
 # A key of ``Training.metrics`` the workers keep for themselves: the attempt that last stepped
 # away on a database lock (``TrainingService._step_away``), which the next claim's line names.
 LOCKED_AWAY_KEY = "stepped_away_on_lock"
+
+
+class Undecided(enum.StrEnum):
+    """Why the likeness gate has not decided on a pending version, where "its likeness is still
+    being scored" would not be true: no worker is at it, as a database lock made the attempt
+    that held it step away, and the next attempt goes on after a wait
+    (``TrainingService.undecided``). Every place that says a pending version (the Versions
+    page, its use dialog, the Generate page's version list, ``selfie-lora activate``) words it
+    from this one fact, so that none says "still being scored" where another says the
+    database was busy."""
+
+    # Its scoring was stopped before its likeness was scored: scored again shortly.
+    SCORING_KEPT_WAITING = "scoring_kept_waiting"
+    # Its likeness was scored; the gate's decision was not saved (its write kept waiting):
+    # the next attempt judges it from those scores, not scoring it again.
+    VERDICT_KEPT_WAITING = "verdict_kept_waiting"
+
+
+# Why such a version is pending, after "pending: " in the Versions page's Gate cell and below
+# ``selfie-lora versions``' table: one wording for both.
+UNDECIDED_WORDS = {
+    Undecided.SCORING_KEPT_WAITING: ("its likeness could not be scored yet: the database was "
+                                     "busy; it is scored again shortly"),
+    Undecided.VERDICT_KEPT_WAITING: ("its likeness is scored, but the gate's decision could not "
+                                     "be saved yet: the database was busy; it is tried again "
+                                     "shortly"),
+}
 # The workers' own keys (that lock's, and the storage's and a full disk's waits, noted while
 # a version is scored too): not the trainer's figures, so never copied into what a version's
 # record (``training_figures``) or the retraining log (``succeeded_event``) shows its owner.

@@ -48,6 +48,7 @@ attempts, tried again after a growing gap (up to a minute), said once per outage
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -104,7 +105,13 @@ from selfie_lora.domain.lease import (
     wait_text,
     waited_for_room_since,
 )
-from selfie_lora.domain.likeness import LOCKED_AWAY_KEY, LikenessStatus, trainer_metrics
+from selfie_lora.domain.likeness import (
+    LOCKED_AWAY_KEY,
+    LikenessFacts,
+    LikenessStatus,
+    Undecided,
+    trainer_metrics,
+)
 from selfie_lora.domain.plan import (
     TrainingDefaults,
     TrainingPlan,
@@ -794,36 +801,68 @@ class TrainingService:
         training, version = found
         return self.view(training, version=version)
 
-    def scoring_kept_waiting(self, *, history: ModelHistory) -> frozenset[str]:
-        """The ids of ``history``'s versions whose scoring a database lock stopped, waiting for
-        their training's next attempt to score them: a page says of them that the database was
-        busy, not that they are "still being scored", which read as work going on when none
-        was.
+    def undecided(self, *, history: ModelHistory) -> dict[str, Undecided]:
+        """Why the gate has not decided on ``history``'s pending versions whose worker stepped
+        away on a database lock, by version id (``Undecided``): a page says of them that the
+        database was busy, not that they are "still being scored", which read as work going on
+        when none was. From the history the Versions page reads already: no query."""
+        versions = {v.id: v for v in history.versions}
+        found: dict[str, Undecided] = {}
+        for t in history.trainings:
+            version = versions.get(t.version_id) if t.version_id is not None else None
+            if version is None:
+                continue
+            why = self._undecided(version, t, scored=functools.partial(
+                _is_scored, history.records.get(version.id)))
+            if why is not None:
+                found[version.id] = why
+        return found
+
+    def undecided_of(self, *, versions: Sequence[Version]) -> dict[str, Undecided]:
+        """``undecided`` of ``versions`` alone (the Generate page's list, the version
+        ``selfie-lora activate`` made active), each pending one's training and likeness record
+        read here: none is most of the time, and nothing is read then."""
+        found: dict[str, Undecided] = {}
+        for version in versions:
+            if version.gate_status is not GateStatus.PENDING:
+                continue
+            training = self._repo.get_training(version.training_id)
+            if training is None:
+                continue
+            why = self._undecided(version, training,
+                                  scored=functools.partial(self._scored, version.id))
+            if why is not None:
+                found[version.id] = why
+        return found
+
+    def _scored(self, version_id: str) -> bool:
+        return _is_scored(self._repo.get_likeness(version_id))
+
+    def _undecided(self, version: Version, t: Training, *,
+                   scored: Callable[[], bool]) -> Undecided | None:
+        """Why the gate has not decided on ``version`` (``t`` its training), if a lock is why;
+        ``scored``: whether its likeness record is scored (read only when asked).
 
         Not by the row's words alone (``SCORING_LOCKED``): they stay until the version is
         stored, so they were said while the next attempt scored it, or after its worker died.
         Only the attempt that stepped away on the lock (``LOCKED_AWAY_KEY``), before any worker
-        claims it again. Nor a version already scored (a lock on the gate's verdict write: it
-        is not scored again) or whose next attempt judges it without scores (its scoring's
-        attempts spent): "scored again shortly" would be a false promise."""
-        versions = {v.id: v for v in history.versions}
-        kept = set()
-        for t in history.trainings:
-            version = versions.get(t.version_id) if t.version_id is not None else None
-            if (version is None or t.status.is_terminal or t.error != SCORING_LOCKED
-                    or t.metrics.get(LOCKED_AWAY_KEY) != t.attempt):
-                continue
-            record = history.records.get(version.id)
-            if record is not None and record.status is LikenessStatus.SCORED:
-                continue
-            at_store = int(version.gate_details.get(RECOVERIES_WHEN_STORED, 0))
-            # The next claim counts the step-away as a stop (its owner stays): judged without
-            # scores then when that reaches the scoring's attempts.
-            if (scoring_stops(t, recoveries_when_stored=at_store) + 1
-                    >= self.lease.max_attempts):
-                continue
-            kept.add(version.id)
-        return frozenset(kept)
+        claims it again. A version already scored had the lock on the gate's verdict write: it
+        is not scored again, its next attempt judges it from its scores
+        (``VERDICT_KEPT_WAITING``), unless that attempt ends the training unjudged (its
+        judging's stops spent too: ``_end_unjudged``). One not scored is scored again shortly
+        (``SCORING_KEPT_WAITING``), unless its next attempt judges it without scores (its
+        scoring's attempts spent): "scored again shortly" would be a false promise."""
+        if (version.gate_status is not GateStatus.PENDING or t.version_id != version.id
+                or t.status.is_terminal or t.error != SCORING_LOCKED
+                or t.metrics.get(LOCKED_AWAY_KEY) != t.attempt):
+            return None
+        at_store = int(version.gate_details.get(RECOVERIES_WHEN_STORED, 0))
+        # The next claim counts the step-away as a stop (its owner stays).
+        stops = scoring_stops(t, recoveries_when_stored=at_store) + 1
+        if scored():
+            return (Undecided.VERDICT_KEPT_WAITING if stops < 2 * self.lease.max_attempts
+                    else None)
+        return Undecided.SCORING_KEPT_WAITING if stops < self.lease.max_attempts else None
 
     def view(self, training: Training, *, version: Version | None = None) -> TrainingView:
         if version is None and training.version_id:
@@ -2438,6 +2477,11 @@ class _Waits:
 
 def _times(count: int) -> str:
     return f"{count} {'time' if count == 1 else 'times'}"
+
+
+def _is_scored(record: LikenessFacts | None) -> bool:
+    """Whether a version's likeness record is scored (``TrainingService._undecided``)."""
+    return record is not None and record.status is LikenessStatus.SCORED
 
 
 def _scoring_stopped(stops: int, *, locked: bool) -> str:

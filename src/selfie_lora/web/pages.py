@@ -8,7 +8,7 @@ import dataclasses
 import re
 import secrets
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
 
@@ -25,8 +25,10 @@ from selfie_lora.dataset.limits import SentFile
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
     DEFAULT_GATE_TOLERANCE,
+    UNDECIDED_WORDS,
     GateMeasure,
     LikenessFacts,
+    Undecided,
     decided_on_baseline_photos,
     gate_cell,
     gate_measure,
@@ -694,7 +696,7 @@ def train_resume(request: Request, viewer: FormViewer, training_id: FormStr) -> 
 def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
                  active_version_id: str | None,
                  photos: Mapping[str, int],
-                 kept_waiting: Collection[str] = ()) -> list[dict[str, Any]]:
+                 undecided: Mapping[str, Undecided] | None = None) -> list[dict[str, Any]]:
     """The Versions table, newest first. "Change" is the gate's measure: this version's identity
     minus the one it was judged against, both scored on the photos the gate decided on: this
     version's, or, when it was held on them (``measured_on`` "baseline_photos"), the training
@@ -703,8 +705,9 @@ def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
     its own training photos, so two versions trained on different photo sets do not subtract:
     that difference would show a drop the gate did not see, or hide one. That version is not
     always the row below (after a held version, a rollback), so the change names it: "-0.015 vs
-    v1". ``kept_waiting``: the pending versions whose scoring waits out a database lock
-    (``TrainingService.scoring_kept_waiting``), said so."""
+    v1". ``undecided``: why the gate has not decided on the pending versions whose worker
+    stepped away on a database lock (``TrainingService.undecided``), said so."""
+    undecided = undecided or {}
     rows = []
     active_number = next((v.number for v, _ in versions if v.id == active_version_id), None)
     for version, record in versions:
@@ -722,6 +725,8 @@ def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
         if change is not None and decided_on_baseline_photos(version.gate_details) is not None:
             change += f" on v{against}'s photos" if isinstance(against, int) else (
                 " on the photos of the version it was judged against")
+        why = (undecided.get(version.id) if version.gate_status is GateStatus.PENDING
+               else None)
         # What the page shows, no more: its Likeness worked out once, by likeness_cell, as
         # ``selfie-lora versions`` prints it.
         rows.append({"version": version, "change": change,
@@ -733,8 +738,8 @@ def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
                          version.gate_reason, active=active_version_id == version.id,
                          active_number=active_number) if version.gate_reason else None,
                      "photos": photos.get(version.id),
-                     "kept_waiting": (version.id in kept_waiting
-                                      and version.gate_status is GateStatus.PENDING)})
+                     "undecided": why,
+                     "undecided_words": UNDECIDED_WORDS[why] if why is not None else None})
     return rows
 
 
@@ -824,8 +829,8 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
     photos = svc.models.photos_used(user=viewer.user, history=history) if history else {}
     rows = version_rows(versions, active_version_id=model.active_version_id if model else None,
                         photos=photos,
-                        kept_waiting=(svc.training.scoring_kept_waiting(history=history)
-                                      if history is not None else ()))
+                        undecided=(svc.training.undecided(history=history)
+                                   if history is not None else None))
     comparison = None
     compare_error = None
     compare_invalid: tuple[str, ...] = ()
@@ -962,6 +967,9 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
                       not_ready=svc.generation.not_ready(user=viewer.user),
                       versions=versions, version=version,
+                      # What the list says of a pending version: "still being scored" was
+                      # said of one whose worker stepped away on a database lock too.
+                      undecided=svc.training.undecided_of(versions=versions),
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, before=before or None,
