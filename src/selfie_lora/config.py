@@ -376,6 +376,11 @@ class Settings(BaseSettings):
     max_photos: int = Field(default=50, ge=1, le=MAX_PHOTO_LIMIT)
     # Uploads are judged on two processes (dlib holds the GIL); 1 runs inline.
     intake_workers: int = Field(default=2, ge=1, le=16)
+    # Whether a server starts its photo-analysis processes at its start (serve, each process of
+    # serve --processes N), so the first upload does not wait for them: ~1 s of CPU and two
+    # processes' memory (dlib, ONNX Runtime) spent whether or not an upload comes. false: they
+    # start at the first upload instead (a small box, an API server that takes no uploads).
+    intake_warm_up: bool = True
     # Originals (with their metadata) are kept only when the operator asks for it.
     keep_originals: bool = False
     # Face alignment for the photo checks and likeness scores: dlib's 5-point model (public

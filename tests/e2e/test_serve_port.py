@@ -21,8 +21,11 @@ DEADLINE_S = 60.0
 def start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
     """``selfie-lora serve ARGS`` on 127.0.0.1 on the tiny model, its stdout and stderr in one
     file."""
+    # No upload: photo-analysis processes started at each start (each process's, with
+    # --processes 2) would be started for nothing.
     env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local",
-                    SELFIE_LORA_BASE_MODEL="tiny", SELFIE_LORA_PROBE_COUNT="1")
+                    SELFIE_LORA_BASE_MODEL="tiny", SELFIE_LORA_PROBE_COUNT="1",
+                    SELFIE_LORA_INTAKE_WARM_UP="false")
     log = tmp_path / "serve.log"
     with log.open("w") as out:  # the child has its own copy
         proc = subprocess.Popen([selfie_lora_exe(), "serve", "--host", "127.0.0.1", *args],

@@ -185,7 +185,8 @@ def test_a_process_that_ends_while_it_starts_stops_them_all(tmp_path: Path) -> N
     the second went on serving, /readyz said ready, and the command never ended. Now every
     process stops and the runner fails."""
     home = tmp_path / "home"
-    env = clean_env(home)
+    # No upload: the second process would start photo-analysis processes for nothing.
+    env = clean_env(home, SELFIE_LORA_INTAKE_WARM_UP="false")
     # The database, as the command's checks leave it: made and migrated in this process (the
     # users service's, as 'users create' builds it), not by a 'users create' process (~2 s of CPU).
     make_users(env, "ann")

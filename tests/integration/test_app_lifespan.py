@@ -85,3 +85,44 @@ def test_the_warm_up_is_given_the_stop_count_of_the_start(
     finally:
         let_run.set()
         services.close()
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_warm_up_follows_the_setting_and_the_stop_always_stops_the_processes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warm: bool) -> None:
+    """SELFIE_LORA_INTAKE_WARM_UP: a server that takes no uploads (a small box, a reconcile-only
+    ``serve --no-worker``) need not start the photo-analysis processes at every start (~1 s of
+    CPU, their memory). Off, nothing starts them with the app; its stop still stops any that an
+    upload started meanwhile. On (the default), the app's start starts them."""
+    settings = make_settings(tmp_path, intake_warm_up=warm)
+    services = build_services(settings, trainers={}, generators={})
+    warmed = threading.Event()
+    stops: list[int] = []
+    monkeypatch.setattr(services.intake, "warm_up",
+                        lambda *, since=None: warmed.set())
+    monkeypatch.setattr(services.intake, "shut_down", lambda: stops.append(1))
+    try:
+        with TestClient(create_app(settings, services=services, warm_up=True)) as client:
+            assert client.get("/healthz").status_code == 200
+        # The thread is started before the app serves: by its stop it ran, or never will.
+        assert warmed.wait(10 if warm else 0.5) is warm
+        assert stops == [1]
+    finally:
+        services.close()
+
+
+def test_the_warm_up_setting_is_on_unless_set_off_and_takes_only_true_or_false(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from selfie_lora.config import Settings, settings_errors
+
+    assert Settings(home=tmp_path).intake_warm_up is True  # today's behaviour, by default
+    monkeypatch.setenv("SELFIE_LORA_INTAKE_WARM_UP", "false")
+    assert Settings(home=tmp_path).intake_warm_up is False
+    monkeypatch.setenv("SELFIE_LORA_INTAKE_WARM_UP", "sometimes")
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path)
+    [line] = settings_errors(caught.value)
+    assert line.startswith("SELFIE_LORA_INTAKE_WARM_UP: "), line
+    assert "sometimes" not in line  # a value is never printed

@@ -694,7 +694,9 @@ def _started(command: list[str], env: dict[str, str], *, log: Path,
 def test_a_restore_is_refused_while_a_server_runs_on_the_home(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home, env, sl = _a_home_backed_up(tmp_path, monkeypatch)
-    server = _started([*sl, "serve", "--port", "0", "--no-worker"], env,
+    # No upload reaches it: its photo-analysis processes would be started for nothing.
+    server = _started([*sl, "serve", "--port", "0", "--no-worker"],
+                      {**env, "SELFIE_LORA_INTAKE_WARM_UP": "false"},
                       log=tmp_path / "serve.log", said="http://")
     try:
         before = state(home)

@@ -112,7 +112,7 @@ LEFT_TO_THE_README = frozenset({
     "alert_timeout", "allowed_trainers", "base_model", "blob_cache_gb", "body_timeout",
     "cache_dir", "device", "face_landmarks_68_noncommercial", "gate_tolerance", "gc_dataset_days",
     "gc_generation_days", "gc_grace_hours", "gc_interval_hours", "generation_threads",
-    "header_timeout", "heartbeat_seconds", "home", "intake_workers", "keep_originals",
+    "header_timeout", "heartbeat_seconds", "home", "intake_warm_up", "intake_workers", "keep_originals",
     "key_rotation_grace_minutes", "lease_seconds", "local_isolation", "local_memory_mode",
     "local_stall_seconds", "max_attempts", "max_clock_skew_seconds", "max_generations_per_user",
     "max_json_bytes", "max_photos", "max_upload_bytes", "metrics_host", "metrics_port",

@@ -101,8 +101,10 @@ def create_app(
 ) -> FastAPI:
     """The app for ``settings``. ``run_worker`` starts an in-process worker with the app
     (``selfie-lora serve``); ``reconcile`` without it runs only the reconciler (``serve
-    --no-worker``); ``collect_garbage`` lets that worker collect garbage when it is due; the
-    services are built here unless given (tests)."""
+    --no-worker``); ``collect_garbage`` lets that worker collect garbage when it is due;
+    ``warm_up`` starts the photo-analysis processes with the app (unless the settings'
+    ``intake_warm_up`` is false) and stops them with it; the services are built here unless
+    given (tests)."""
     # Its queue built now: an app enqueues starts and /readyz asks it, so a queue it cannot
     # use stops its start (``serve``'s one line) rather than leaving a server up that queues
     # nothing.
@@ -112,9 +114,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         worker = None
-        if warm_up:
+        if warm_up and svc.settings.intake_warm_up:
             # Start the photo-analysis processes now, off the event loop, so the first upload
-            # does not wait ~1.5 s for them.
+            # does not wait ~1.5 s for them (SELFIE_LORA_INTAKE_WARM_UP=false: at that upload;
+            # the stop below still stops them, as it does those an upload started).
             # A stop before the thread runs (a shutdown right after the start) is seen by
             # the count read here: the thread then starts no process during the stop.
             threading.Thread(target=svc.intake.warm_up, name="intake-warm-up", daemon=True,
