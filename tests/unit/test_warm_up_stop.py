@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
+from typing import ClassVar
 
 import pytest
 
@@ -54,6 +55,9 @@ def test_a_stop_during_the_warm_up_logs_no_traceback(
     class StoppedPool:
         """A pool the stop shut down before its first task (no process of its own)."""
 
+        _processes: ClassVar[dict[int, object]] = {}  # what the stop of a pool no intake used reads
+        _executor_manager_thread = None
+
         def submit(self, *_args: object) -> Future[None]:
             pipeline.shutdown_pools()  # the service's stop, in another thread, at that moment
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -74,6 +78,9 @@ def test_tasks_cancelled_by_the_stop_log_no_traceback(
     """The stop's ``cancel_futures`` cancels warm-up tasks still queued: CancelledError."""
 
     class CancelledPool:
+        _processes: ClassVar[dict[int, object]] = {}
+        _executor_manager_thread = None
+
         def submit(self, *_args: object) -> Future[None]:
             pipeline.shutdown_pools()
             future: Future[None] = Future()

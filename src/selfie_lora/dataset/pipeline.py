@@ -185,6 +185,11 @@ def _work_in_worker(upload: UploadedFile, order: int, limits: UploadLimits,
 
 _pools: dict[tuple[int, AnalyzerFactory], ProcessPoolExecutor] = {}
 _pools_lock = threading.Lock()
+# The pools an intake has taken: a stop waits for their processes, so that the photos they are
+# analysing are finished. A pool only the warm-up has used has no photo to finish, and its
+# processes may still be loading their models (~0.5 s each, seconds on a loaded machine): a
+# stop ends them rather than wait for that (``shutdown_pools``).
+_used: set[ProcessPoolExecutor] = set()
 
 
 def _new_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
@@ -213,10 +218,19 @@ def _process_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor
         return pool
 
 
+def _intake_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
+    """The pool an intake analyses its photos in, marked as used (a stop waits for it)."""
+    pool = _process_pool(workers, factory)
+    with _pools_lock:
+        _used.add(pool)
+    return pool
+
+
 def _drop_pool(workers: int, factory: AnalyzerFactory, pool: ProcessPoolExecutor) -> None:
     with _pools_lock:
         if _pools.get((workers, factory)) is pool:
             del _pools[(workers, factory)]
+        _used.discard(pool)
     pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -237,10 +251,32 @@ def shutdown_pools() -> None:
     global _stops
     with _pools_lock:
         _stops += 1
-        pools = list(_pools.values())
+        pools = [(pool, pool in _used) for pool in _pools.values()]
         _pools.clear()
-    for pool in pools:
-        pool.shutdown(wait=True, cancel_futures=True)
+        _used.clear()
+    for pool, used in pools:
+        if used:
+            pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            _end_unused(pool)
+
+
+def _end_unused(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool no intake has used: its processes are ended, not waited for (still loading
+    their models, they would keep the service's stop waiting for seconds, for nothing). Its
+    only tasks are the warm-up's, which then ends quietly (``warm_up``: a stop)."""
+    # Read before the shutdown, which drops them: the pool's own map, to which a process the
+    # warm-up is starting now is added before the shutdown can go on (it takes the same lock).
+    processes = pool._processes
+    manager = pool._executor_manager_thread
+    pool.shutdown(wait=False, cancel_futures=True)  # no process is started after this
+    for process in list((processes or {}).values()):
+        process.terminate()
+    for process in list((processes or {}).values()):
+        process.join()
+    if isinstance(manager, threading.Thread):  # none before the pool's first task
+        # It sees the ended processes, fails the warm-up's tasks and closes the pool's queues.
+        manager.join()
 
 
 atexit.register(shutdown_pools)
@@ -425,7 +461,7 @@ def _analyse_all(todo: Sequence[tuple[int, UploadedFile]], *, limits: UploadLimi
     outcomes = {}
     pending = list(jobs)
     for attempt in range(2):
-        pool = _process_pool(workers, factory)
+        pool = _intake_pool(workers, factory)
         done, pending = _run_tasks(pool, pending, submit)
         outcomes.update(done)
         if not pending:
