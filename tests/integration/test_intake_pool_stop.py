@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+from selfie_lora.adapters.faces.dlib_regions import DlibAnalyzerFactory
 from selfie_lora.dataset import pipeline
 from selfie_lora.domain.faces import FaceAnalyzer
 
@@ -16,7 +17,9 @@ class SlowToLoad:
     """A factory whose processes take ``LOADING_S`` to load their models (dlib's and ONNX
     Runtime's take ~0.5 s each on an idle machine, seconds on a loaded one)."""
 
-    preload: tuple[str, ...] = ()
+    # The real factory's: when this test starts the run's fork server, the pools of later tests
+    # fork from one that has them loaded, as they would otherwise.
+    preload: tuple[str, ...] = DlibAnalyzerFactory.preload
 
     def __call__(self) -> FaceAnalyzer:
         time.sleep(LOADING_S)
