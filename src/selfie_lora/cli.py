@@ -412,13 +412,12 @@ def serve(
     """The web app and the HTTP API, with a background worker, in one process."""
     # Read first: an invalid setting is said before the web app's imports (~1 s of CPU).
     settings = _settings()
-    from selfie_lora.api.app import create_app
     from selfie_lora.api.server import listening_socket, run_server, run_server_processes
-    from selfie_lora.wiring import open_database, using_home
 
     if processes == 1:
         # Before the app starts and before the address is said: uvicorn bound it only after
-        # both, so a taken port announced the other program's server, then exited 3.
+        # both, so a taken port announced the other program's server, then exited 3. Before
+        # the web app's imports too: a taken port is said without them (~1 s of CPU).
         try:
             sock = listening_socket(host, port)
         except OSError as exc:
@@ -426,6 +425,9 @@ def serve(
         # Closed when the command ends, also when the app cannot start.
         ctx.call_on_close(sock.close)
         port = sock.getsockname()[1]  # the one chosen for port 0
+    from selfie_lora.api.app import create_app
+    from selfie_lora.wiring import open_database, using_home
+
     with _starting(settings):
         # Until this command ends (the processes' parent holds it for them): no restore
         # meanwhile. First: one started during a restore must not make nor migrate a database.
