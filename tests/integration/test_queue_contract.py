@@ -187,13 +187,15 @@ class _CountedBuilds:
         self._held = held
         self.building = threading.Event()
         self.built = 0
+        self.made: list[Huey] = []
 
     def __call__(self) -> Huey:
         self.building.set()
         if self._held is not None:
             assert self._held.wait(30)
         self.built += 1
-        return self._make()
+        self.made.append(self._make())
+        return self.made[-1]
 
 
 # Old code: ``open`` and ``huey`` built huey again after the close, a queue closed before its
@@ -212,10 +214,22 @@ def test_a_closed_queue_is_never_built_again(tmp_path: Path, used: bool) -> None
     assert maker.built == int(used)
 
 
-def test_an_open_that_the_close_overtakes_fails_and_publishes_nothing(tmp_path: Path) -> None:
+def test_an_open_that_the_close_overtakes_fails_and_publishes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An ``open`` whose build was under way as the queue closed (a build can take seconds: a
     queue file another process holds): the close found nothing to let go of, so the open lets
     go of what it built and fails, and the queue stays closed."""
+    # What it lets go of, recorded: a fresh huey holds no connection yet (huey 3.5: SQLite's
+    # schema step closes its own, a Redis pool connects lazily), so only this shows the step
+    # is taken (review report1 N2), and on what.
+    let_go: list[Huey] = []
+    real_let_go = huey_queue._let_go
+
+    def recorded(huey: Huey) -> None:
+        let_go.append(huey)
+        real_let_go(huey)
+
+    monkeypatch.setattr(huey_queue, "_let_go", recorded)
     go_on = threading.Event()
     maker = _CountedBuilds(queue_url("sqlite", tmp_path), held=go_on)
     q = HueyJobQueue(maker)
@@ -230,8 +244,77 @@ def test_an_open_that_the_close_overtakes_fails_and_publishes_nothing(tmp_path: 
     [failure] = failures
     assert isinstance(failure, QueueClosedError), failure
     assert maker.built == 1
+    assert let_go == maker.made
     with pytest.raises(QueueClosedError, match="the job queue is closed"):
         _ = q.huey  # nothing was published for a later use to find
+
+
+class _Entered:
+    """A lock standing in for the queue's ``_building``: ``all_in`` is set once ``calls``
+    callers have come to it (the first holds it; the others are then waiting on it, or about to)."""
+
+    def __init__(self, calls: int) -> None:
+        self._lock = threading.Lock()
+        self._count = threading.Lock()
+        self._calls = calls
+        self.all_in = threading.Event()
+
+    def __enter__(self) -> None:
+        with self._count:
+            self._calls -= 1
+            if self._calls == 0:
+                self.all_in.set()
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class _CloseWaits(threading.Condition):
+    """The queue's ``_state``: ``closing`` is set once ``close`` has marked the queue closed and
+    waits for the calls under way (the only ``wait_for`` on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = threading.Event()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        self.closing.set()
+        return super().wait_for(predicate, timeout)
+
+
+def test_an_open_or_huey_waiting_on_a_build_as_the_queue_closes_is_refused(
+        tmp_path: Path) -> None:
+    """Review report1 N1: an ``open`` and a ``huey`` begun before the close, waiting behind a
+    call's build (its first use) as the close came, returned the huey that call published,
+    which the close then let go of and whose storage connected again at its next use (old
+    code). They are refused as every use after the close is; the call under way ends on it."""
+    go_on = threading.Event()
+    maker = _CountedBuilds(queue_url("sqlite", tmp_path), held=go_on)
+    q = HueyJobQueue(maker)
+    building = _Entered(3)
+    state = _CloseWaits()
+    q._building = building  # type: ignore[assignment]
+    q._state = state
+    user, user_failures = _in_a_thread(q.pending)
+    assert maker.building.wait(10)
+    opener, open_failures = _in_a_thread(q.open)
+    reader, read_failures = _in_a_thread(lambda: q.huey)
+    closer, close_failures = _in_a_thread(q.close)
+    try:
+        assert building.all_in.wait(10)
+        assert state.closing.wait(10)
+    finally:
+        go_on.set()
+        for thread in (user, opener, reader, closer):
+            thread.join(10)
+            assert not thread.is_alive()
+    assert user_failures == []
+    assert close_failures == []
+    for failures in (open_failures, read_failures):
+        [failure] = failures
+        assert isinstance(failure, QueueClosedError), failure
+    assert maker.built == 1
 
 
 def _queue_with_a_held_pending(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -159,7 +159,12 @@ class HueyJobQueue:
         if built is not None:
             return built
         with self._building:
-            built = self._huey
+            with self._state:
+                # Again: a close may have come while it waited behind another call's build,
+                # whose huey that close lets go of (review report1 N1).
+                if self._closed and not under_way:
+                    raise QueueClosedError(QueueClosedError.AFTER_CLOSE)
+                built = self._huey
             if built is None:
                 built = self._make()
                 with self._state:
