@@ -144,9 +144,21 @@ class HueyJobQueue:
         True)``) then stops at its start on one it cannot use (a queue file that is not
         SQLite's, a Redis URL option redis-py refuses, the redis extra not installed), instead
         of running on and saying an outage at every poll. Building connects to no Redis: one
-        that is down is still a start. ``QueueClosedError`` after ``close``: a closed queue is
-        never opened again."""
-        self._built(under_way=False)
+        that is down is still a start, and so is a queue file another process holds locked past
+        the busy timeout (a worker stopped inside its transaction, an operator's sqlite3 shell):
+        that passes as an outage does, so it is logged and left to the first use, which tries
+        again (review report1 R1: refused, ``train`` turned away a training that the reconciler
+        would have queued). ``QueueClosedError`` after ``close``: a closed queue is never opened
+        again."""
+        import sqlite3
+
+        try:
+            self._built(under_way=False)
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+            logger.warning("the job queue's SQLite file is busy (another process holds it "
+                           "locked): %s; it is tried again at its first use", exc)
 
     def _built(self, *, under_way: bool) -> Huey:
         """``under_way``: for a call counted in ``_calls`` (``_using``), begun before any
@@ -294,6 +306,17 @@ class HueyJobQueue:
         if huey is None:  # never used: nothing was opened (nor huey loaded) to let go of
             return
         _let_go(huey)
+
+
+def _busy(exc: BaseException) -> bool:
+    """Whether SQLite said its file is held by another connection (SQLITE_BUSY, SQLITE_LOCKED,
+    extended codes included): for a while, unlike a file that is not a database."""
+    import sqlite3
+
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _let_go(huey: Huey) -> None:
