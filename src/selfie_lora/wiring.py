@@ -489,14 +489,20 @@ def build_services(
     refused start changes nothing. False touches neither.
     ``open_queue``: True builds the queue now (``HueyJobQueue.open``), for a process that will
     use it (``serve``, ``worker``, ``train``, ``resume``, the demo): one it cannot use stops the
-    start, before anything is stored. Otherwise huey is loaded at the queue's first use, which
-    most commands never make."""
+    start, before the database is opened (made, migrated) or anything stored. Otherwise huey
+    is loaded at the queue's first use, which most commands never make."""
     from selfie_lora.adapters.db.migrate import require_head, upgrade
     from selfie_lora.adapters.db.repository import SqlRepository
     from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter
     from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 
     make_home(settings)
+    queue = HueyJobQueue.from_url(settings.effective_queue_url, name=settings.queue_name)
+    if open_queue:
+        # Before the database is opened, compared or migrated: one it cannot use refuses a
+        # start that made no database and changed no schema (review report1 R3: refused after
+        # the migrations, a newer release's train migrated a shared database, then refused).
+        queue.open()
     engine = database_engine(settings)
     # Before anything is written or compared, the migrations too: every shared time is this
     # machine's clock's. A process whose clock is too far from the database's refuses to start
@@ -516,16 +522,10 @@ def build_services(
                 upgrade(engine)
         except BaseException:
             engine.dispose()
+            queue.close()  # whatever its open made, let go of (a fresh one holds nothing)
             raise
     repo = SqlRepository(engine)
     blobs = blobs if blobs is not None else default_blob_store(settings)
-    queue = HueyJobQueue.from_url(settings.effective_queue_url, name=settings.queue_name)
-    if open_queue:
-        try:
-            queue.open()
-        except BaseException:
-            engine.dispose()
-            raise
     if telemetry is None:
         from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
 

@@ -257,6 +257,33 @@ def test_a_queue_that_cannot_be_used_stops_train_and_resume_before_anything_is_s
     assert stored(get_settings().home) == ({}, [])  # no training, no photo
 
 
+# Review report1 R3: old code refused the queue after the migrations, so a refused start had
+# made HOME's database (its schema at this release's head: a shared one migrated by a release
+# that then refused). The queue is built before the clock check and the migrations: the
+# database is not made. What is left is HOME itself and its lock file, made first to lock it
+# (the command shares HOME from before it opens anything: wiring.sharing_home), and a queue.db
+# that was there.
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("setup", "said"), [(setup, said) for _, setup, said in QUEUE_CASES],
+                         ids=[name for name, _, _ in QUEUE_CASES])
+def test_a_queue_that_cannot_be_used_stops_train_before_the_database_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: Callable[[dict[str, str]], None],
+        setup: Callable[[Path, pytest.MonkeyPatch], dict[str, str]], said: str) -> None:
+    from selfie_lora.config import DATABASE_FILE
+    from tests.support.photos import copy_person_photos
+
+    env({**setup(tmp_path, monkeypatch), "SELFIE_LORA_MIN_PHOTOS": "3"})
+    home = get_settings().home
+    before = sorted(p.name for p in home.iterdir()) if home.exists() else []
+    photos = copy_person_photos(tmp_path / "photos")
+    result = CliRunner().invoke(app, ["train", str(photos), "--user", "bob", "--no-wait"])
+    assert result.exit_code == 1, result.output
+    shown = said.replace("{home}", str(home))
+    assert result.output.strip().splitlines()[-1].startswith(f"error: {shown}"), result.output
+    assert not (home / DATABASE_FILE).exists()
+    assert sorted(p.name for p in home.iterdir()) == sorted({*before, ".in-use"})
+
+
 # A Redis that is down is not a queue that cannot be used: building it connects to nothing, and
 # the training is accepted, as the API's start is (README, Recovery); a serve's or worker's
 # reconciler queues it once Redis answers.
