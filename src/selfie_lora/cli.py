@@ -1781,10 +1781,16 @@ def demo(
 ) -> None:
     """The whole cycle on the embedded defaults, offline: check, first training, retraining,
     comparison, generation."""
-    from selfie_lora.demo import DemoFolderError, DemoHomeInUseError, run_demo
+    from selfie_lora.demo import DemoFolderError, DemoHomeInUseError, DemoStartError, run_demo
 
     try:
         run_demo(out=out)
+    except DemoStartError as exc:  # its services not built: one line, as any command's start
+        message = _start_failure(exc.settings, exc.cause)
+        if message is None:
+            raise exc.cause from None
+        logger.debug("could not start", exc_info=exc.cause)
+        _fail(message, label="demo failed")
     except ValidationError as exc:  # its settings are code, not the environment: a bug
         _invalid_settings(exc, code=1)
     except DemoFolderError as exc:  # a usage error, as typer's own are: exit status 2

@@ -54,6 +54,17 @@ class DemoHomeInUseError(ConfigError):
     was touched. Refused as ``restore`` is refused in the same case (exit status 1)."""
 
 
+class DemoStartError(Exception):
+    """The demo's services could not be built (``cause``, on ``settings``): said by the command
+    as any command's start failure is, in one line, rather than as a traceback (a queue it
+    cannot use, a full disk, a module not installed)."""
+
+    def __init__(self, settings: Settings, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.settings = settings
+        self.cause = cause
+
+
 def prepare_demo_folder(out: Path) -> None:
     """Makes ``out`` the demo's folder, empty of what an earlier demo wrote there. A folder that
     does not exist or is empty is taken (and marked); one an earlier demo made (its marker, or
@@ -277,7 +288,10 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
     # The queue built now, as `train`'s is: the demo queues both trainings and its worker takes
     # them from that queue, so one it could not use (built at its first use) let it check the
     # photos, make the user and store a training, then follow that training for ever.
-    services = build_services(settings, open_queue=True)
+    try:
+        services = build_services(settings, open_queue=True)
+    except Exception as exc:
+        raise DemoStartError(settings, exc) from exc
     try:
         console.rule("1. photo check")
         files, findings = services.intake.read_path(photos_dir)

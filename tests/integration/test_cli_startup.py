@@ -338,14 +338,13 @@ def test_train_no_wait_on_a_queue_file_another_process_holds_is_accepted(
 
 # The demo queues its trainings and its embedded worker takes them from the queue: built at its
 # first use, a queue it could not use let it check the photos, make the user and store a
-# training, then follow that training for ever (the worker's polls failing). Now it stops first.
+# training, then follow that training for ever (the worker's polls failing). Now it stops first,
+# in one line as any command's start does (review report1: it stopped with a traceback, since the
+# demo command caught only the demo's own errors and ours).
 @pytest.mark.timeout(120)
-def test_a_queue_the_demo_cannot_use_stops_it_before_its_photo_check(
+def test_a_queue_the_demo_cannot_use_stops_it_before_its_photo_check_in_one_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import io
     import sqlite3
-
-    from rich.console import Console
 
     from selfie_lora import demo
     from selfie_lora.adapters.queue import huey_queue
@@ -359,11 +358,17 @@ def test_a_queue_the_demo_cannot_use_stops_it_before_its_photo_check(
 
     monkeypatch.setattr(huey_queue, "_sqlite_huey", unusable)
     monkeypatch.setattr(demo, "embedded_worker", no_worker)
-    out = io.StringIO()
-    with pytest.raises(sqlite3.DatabaseError, match="file is not a database"):
-        demo.run_demo(out=tmp_path / "demo", console=Console(file=out, width=200))
-    assert "photo check" not in out.getvalue()
-
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    said = " ".join(lines[-1].split())
+    assert said.startswith(f"demo failed: the queue in SELFIE_LORA_HOME ({out / 'home'}) cannot "
+                           "be used: file is not a database"), lines
+    assert [line for line in lines if "failed" in line or "error" in line] == lines[-1:], lines
+    assert "Traceback" not in result.output
+    assert "photo check" not in result.output
 
 @pytest.mark.timeout(60)
 def test_a_taken_metrics_port_stops_the_worker_in_one_line(
