@@ -502,7 +502,12 @@ def build_services(
         # Before the database is opened, compared or migrated: one it cannot use refuses a
         # start that made no database and changed no schema (review report1 R3: refused after
         # the migrations, a newer release's train migrated a shared database, then refused).
-        queue.open()
+        try:
+            queue.open()
+        except ValueError as exc:
+            # A URL option redis-py refuses: said of the setting that holds it, which its own
+            # words ('Invalid value for ... in connection URL') do not name (nor any password).
+            raise ConfigError(f"SELFIE_LORA_QUEUE_URL cannot be used: {exc}") from exc
     engine = database_engine(settings)
     # Before anything is written or compared, the migrations too: every shared time is this
     # machine's clock's. A process whose clock is too far from the database's refuses to start

@@ -177,7 +177,7 @@ QUEUE_CASES: list[tuple[str, Callable[[Path, pytest.MonkeyPatch], dict[str, str]
     # Past the settings' check of the URL; redis-py refuses the value as it builds its pool.
     ("a Redis URL option redis-py refuses", lambda *_: {
         "SELFIE_LORA_QUEUE_URL": "redis://127.0.0.1:6399/0?socket_timeout=abc"},
-     "cannot start: Invalid value for 'socket_timeout'"),
+     "SELFIE_LORA_QUEUE_URL cannot be used: Invalid value for 'socket_timeout'"),
     ("the redis extra not installed", lambda _, monkeypatch: redis_not_installed(monkeypatch),
      "a module this needs is not installed: redis"),
 ]
