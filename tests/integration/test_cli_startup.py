@@ -312,10 +312,16 @@ def test_train_no_wait_on_a_redis_that_is_down_is_accepted_for_the_reconciler(
 # is down is: stored, the warning said, queued by a reconciler once the file is free.
 @pytest.mark.timeout(90)
 def test_train_no_wait_on_a_queue_file_another_process_holds_is_accepted(
-        tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
+        tmp_path: Path, env: Callable[[dict[str, str]], None],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     import sqlite3
 
+    from selfie_lora.adapters.queue import huey_queue
     from tests.support.photos import copy_person_photos
+
+    # Each of the two waits for the held file (the start's, the enqueue's) is huey's busy
+    # timeout: 5 s by default, which this test would spend twice doing nothing.
+    monkeypatch.setattr(huey_queue, "SQLITE_BUSY_TIMEOUT_S", 0.5)
 
     home = tmp_path / "home"
     env({"SELFIE_LORA_HOME": str(home), "SELFIE_LORA_MIN_PHOTOS": "3"})

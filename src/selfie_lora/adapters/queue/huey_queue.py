@@ -77,10 +77,15 @@ def _huey_maker(url: str, *, name: str) -> Callable[[], Huey]:
     raise ConfigError(f"unsupported SELFIE_LORA_QUEUE_URL scheme {parsed.scheme!r}")
 
 
+# How long a call on the SQLite queue waits for a file another process holds locked before it
+# fails as busy (huey's own default, named here so that a test of a held file waits less).
+SQLITE_BUSY_TIMEOUT_S = 5.0
+
+
 def _sqlite_huey(path: str, *, name: str) -> Huey:
     from huey import SqliteHuey
 
-    return SqliteHuey(name=name, filename=path, results=False)
+    return SqliteHuey(name=name, filename=path, results=False, timeout=SQLITE_BUSY_TIMEOUT_S)
 
 
 def _redis_huey(url: str, *, name: str) -> Huey:
