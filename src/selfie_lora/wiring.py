@@ -554,6 +554,7 @@ def build_services(
         tolerance=settings.gate_tolerance, probe_count=settings.probe_count,
         probe_size=settings.probe_size, gate_enabled=settings.quality_gate,
         telemetry=telemetry, public_url=settings.public_url,
+        alert_timeout=settings.alert_timeout,
     )
     intake = _intake(settings, repo=repo, blobs=blobs, face_analyzer=face_analyzer,
                      telemetry=telemetry)

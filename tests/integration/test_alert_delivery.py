@@ -35,7 +35,7 @@ from selfie_lora.adapters.alerts.http import HttpAlerter, webhook_id
 from selfie_lora.api.serializers import alert_json, likeness_json, version_json
 from selfie_lora.config import EmbeddedSettings, Settings, settings_errors
 from selfie_lora.domain.accounts import ErasurePlan
-from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
+from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, MAX_SEND_SECONDS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.webhook_secrets import MAKE_SIGNING_SECRET
 from selfie_lora.errors import AlertDeliveryError, ConfigError, DatabaseUnreachableError, StorageError
@@ -93,9 +93,9 @@ def delivery(rig: Rig, version: Version) -> dict[str, Any]:
 def rig_for(tmp_path: Path, clock: Clock) -> Iterator[Any]:
     made: list[Rig] = []
 
-    def make(endpoint: RecordingAlerter) -> Rig:
+    def make(endpoint: RecordingAlerter, **options: Any) -> Rig:
         rig = Rig(root=tmp_path, generator=photo_generator(same_person()), alerter=endpoint,
-                  clock=clock)
+                  clock=clock, **options)
         made.append(rig)
         return rig
 
@@ -190,14 +190,15 @@ def test_a_round_stops_at_the_first_failure(rig_for: Any, clock: Clock) -> None:
 
 @pytest.mark.parametrize("ends", ["stop", "time"])
 def test_a_pass_s_sends_end_at_a_stop_or_their_time_and_the_rest_go_next_pass_once(
-        rig_for: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch, ends: str) -> None:
+        rig_for: Any, clock: Clock, ends: str) -> None:
     """A reconcile pass's sends to an endpoint slow to answer (each up to the alert timeout) end
     after the send in flight once the worker's stop is asked, or once the pass's time for them
     (``ALERT_SENDS_SECONDS``) is spent: the alerts not sent are not claimed, and the next pass
     sends each once. Before, a pass went on to its ten sends, 50 s at the default timeout, where
     a worker's stop allows 30 s."""
     endpoint = RecordingAlerter()
-    rig = rig_for(endpoint)
+    spent = [0.0]
+    rig = rig_for(endpoint, monotonic=lambda: spent[0])
     held = []
     for name in ("ann", "bob", "cy"):
         endpoint.crash = True  # each sender dies: its alert is due once the claim runs out
@@ -206,8 +207,6 @@ def test_a_pass_s_sends_end_at_a_stop_or_their_time_and_the_rest_go_next_pass_on
     assert len(rig.repo.due_alerts(clock.now, limit=10)) == 3
     calls = endpoint.calls  # the three sends that died
     stopping = threading.Event()
-    spent = [0.0]
-    monkeypatch.setattr(rig.training, "_monotonic", lambda: spent[0])
 
     def the_first_send_is_slow() -> None:
         if ends == "stop":
@@ -223,6 +222,56 @@ def test_a_pass_s_sends_end_at_a_stop_or_their_time_and_the_rest_go_next_pass_on
     assert rig.training.reconcile().alerts_tried == 0
     assert endpoint.calls == calls + 3
     assert sorted(a["version_id"] for a in endpoint.sent) == sorted(v.id for v in held)
+
+
+@pytest.mark.parametrize("timeout", [5.0, 20.0, MAX_SEND_SECONDS])
+def test_a_pass_starts_no_send_that_could_not_end_within_its_time_for_sends(
+        rig_for: Any, clock: Clock, timeout: float) -> None:
+    """A send starts only if it can end, a whole alert timeout later, within the pass's time for
+    sends (``ALERT_SENDS_SECONDS``, or one timeout when that is longer): before, one started
+    just inside the 15 s ran a whole timeout past them (up to 60 s), and a stop's 30 s grace
+    promised for the default 5 s held for no longer timeout. The alert not sent stays due, not
+    claimed, for the next pass to send once."""
+    endpoint = RecordingAlerter()
+    spent = [0.0]
+    rig = rig_for(endpoint, monotonic=lambda: spent[0], alert_timeout=timeout)
+    for name in ("ann", "bob"):
+        endpoint.crash = True  # each sender dies: its alert is due once the claim runs out
+        held_version(rig, dies=True, name=name)
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    calls = endpoint.calls
+    budget = max(ALERT_SENDS_SECONDS, timeout)
+
+    def the_first_send_leaves_less_than_a_timeout() -> None:
+        # Still inside the pass's time for sends, but not a whole timeout before its end.
+        spent[0] += budget - timeout + 0.5
+
+    endpoint.meanwhile = the_first_send_leaves_less_than_a_timeout
+    assert rig.training.reconcile().alerts_tried == 1
+    assert endpoint.calls == calls + 1
+    assert len(rig.repo.due_alerts(clock.now, limit=10)) == 1  # left due, not claimed
+    assert rig.training.reconcile().alerts_tried == 1  # the first send of a pass always may
+    assert rig.training.reconcile().alerts_tried == 0
+    assert len(endpoint.sent) == 2
+
+
+def test_a_pass_s_sends_may_take_up_to_their_time_when_each_fits(rig_for: Any,
+                                                                 clock: Clock) -> None:
+    """The cut is no stricter than it needs: a send that ends just within the pass's time for
+    sends still starts (at 10 s of 15 with the default 5 s timeout)."""
+    endpoint = RecordingAlerter()
+    spent = [0.0]
+    rig = rig_for(endpoint, monotonic=lambda: spent[0])
+    for name in ("ann", "bob"):
+        endpoint.crash = True
+        held_version(rig, dies=True, name=name)
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+
+    def the_first_send_takes_ten_seconds() -> None:
+        spent[0] += ALERT_SENDS_SECONDS - 5.0
+
+    endpoint.meanwhile = the_first_send_takes_ten_seconds
+    assert rig.training.reconcile().alerts_tried == 2
 
 
 def test_two_reconcilers_at_once_send_an_alert_once(rig_for: Any, clock: Clock) -> None:
@@ -698,6 +747,19 @@ def test_an_alert_secret_without_the_url_is_said_once_where_trainers_are_built(
     assert said == ["SELFIE_LORA_ALERT_SECRET is set but SELFIE_LORA_ALERT_URL is not: alerts are "
                     "recorded and logged only, nothing is signed; set the URL to send them"
                     ] * warned
+
+
+def test_the_services_time_a_pass_s_sends_by_the_alert_timeout_set(tmp_path: Path) -> None:
+    """What a reconcile pass's sends are cut by (a send starts only if it can end in time) is
+    the alert timeout of the settings, not the default 5 s."""
+    settings = make_settings(tmp_path, alert_timeout=40)
+    services = wiring.build_services(settings, face_analyzer=one_person_analyzer(),
+                                     trainers={"local": FakeTrainer()},
+                                     generators={"local": FakeGenerator()})
+    try:
+        assert services.likeness.alert_timeout == 40
+    finally:
+        services.close()
 
 
 def test_without_an_alert_secret_no_signature_is_sent(tmp_path: Path) -> None:

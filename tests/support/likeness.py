@@ -9,6 +9,7 @@ import hashlib
 import io
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -140,6 +141,9 @@ class Rig:
     clock: Callable[[], datetime] = utcnow
     database: str = "sqlite"  # or "postgres" (tests.support.backends.DATABASES)
     public_url: str | None = None
+    # What a reconcile pass's alert sends are timed by, and the longest one send takes.
+    monotonic: Callable[[], float] = time.monotonic
+    alert_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.database == "sqlite":
@@ -158,6 +162,7 @@ class Rig:
             repo=self.repo, blobs=self.blobs, generation=self.generation, faces=self.faces,
             alerter=self.alerter, tolerance=self.tolerance, probe_count=self.probe_count,
             gate_enabled=self.gate_enabled, clock=self.clock, public_url=self.public_url,
+            alert_timeout=self.alert_timeout,
         )
         self.training = TrainingService(
             repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},
@@ -165,6 +170,7 @@ class Rig:
                                               owner="local", replicate_recipe="replicate-person-v1",
                                               probe_count=self.probe_count),
             work_dir=self.root / "work", rng=random.Random(self.seed), likeness=self.likeness,
+            monotonic=self.monotonic,
         )
         self.models = ModelService(repo=self.repo, blobs=self.blobs)
         self.users = UserService(repo=self.repo)

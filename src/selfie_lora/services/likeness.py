@@ -354,33 +354,40 @@ def mismatch_alert_text(*, user_name: str, version_number: int, message: str,
 # The training log's page (GET /api/model/log) when no limit is asked for.
 LOG_PAGE = 50
 # How many alerts a reconcile pass sends in one go, its due alerts and those of the versions it
-# holds together (one budget), each up to the alert timeout against a slow endpoint (5 s by
-# default): the rest stay claimed, then due, for the next passes, so that a pass's sends take
-# at most this many alert timeouts.
+# holds together (one budget, ``AlertSends``), each up to the alert timeout against a slow
+# endpoint (5 s by default): the rest stay due (a hold's: claimed, then due once its claim runs
+# out), for the next passes.
 ALERTS_PER_PASS = 10
-# The time a reconcile pass gives those sends (``AlertSends``): none starts once it is spent.
-# Ten sends to an endpoint that answers just within the alert timeout took 50 s; a pass's sends
-# now end within this and the one send in flight (5 s by default: 20 s in all), inside the 30 s
-# a worker's stop allows (``worker.STOP_GRACE_S``); a stop asked while they run ends them after
-# the send in flight.
+# The time a reconcile pass gives those sends (``AlertSends``), or one alert timeout when that is
+# longer: a send starts only if it can end within it, so a pass's sends end within it whatever
+# the alert timeout (ten sends to an endpoint that answers just within the timeout took 50 s).
+# A stop asked while they run ends them after the send in flight, up to one alert timeout: within
+# the 30 s a worker's stop allows (``worker.STOP_GRACE_S``) for a timeout up to 30 s, the
+# default 5 s included; a longer one can outlast it.
 ALERT_SENDS_SECONDS = 15.0
 
 
 class AlertSends:
     """What a reconcile pass may still send, its round of due alerts and the alerts of the
-    versions it holds together: at most ``count`` sends, none started once ``seconds`` have
-    passed since it was made (``monotonic``), once ``stopping`` is set (the worker's stop: its
-    grace allows the send in flight, not the pass's other sends), once a send failed (the
-    endpoint is likely down: each further send would cost a timeout) or once ``end`` is called.
+    versions it holds together: at most ``count`` sends, none started unless it can end
+    (``send_seconds``: the alert timeout, the longest one send takes) within ``seconds`` of when
+    this was made, or within one send when that is longer (``monotonic``), none once
+    ``stopping`` is set (the worker's stop: its grace allows the send in flight, not the pass's
+    other sends), once a send failed (the endpoint is likely down: each further send would cost
+    a timeout) or once ``end`` is called.
 
     The alerts not sent are left for a later pass, to send once: a due one is not claimed (asked
     before each claim), one a hold claimed is due once its claim runs out."""
 
-    def __init__(self, *, count: int, seconds: float, stopping: threading.Event | None = None,
+    def __init__(self, *, count: int, seconds: float, send_seconds: float,
+                 stopping: threading.Event | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._left = count
         self._monotonic = monotonic
-        self._until = monotonic() + seconds
+        # At least one send's time: a budget shorter than the alert timeout would start none,
+        # and the alerts only a reconciler sends (a dead sender's, a retry) would never be sent.
+        self._until = monotonic() + max(seconds, send_seconds)
+        self._send_seconds = send_seconds
         self._stopping = stopping
         self._ended = False
 
@@ -393,7 +400,9 @@ class AlertSends:
         """Whether one more send may start now."""
         return (not self._ended and self._left > 0
                 and (self._stopping is None or not self._stopping.is_set())
-                and self._monotonic() < self._until)
+                # One that may take the alert timeout starts only if it can end in time: a
+                # check of the start alone let a pass's last send run a whole timeout past it.
+                and self._monotonic() + self._send_seconds <= self._until)
 
     def sent(self, *, delivered: bool) -> None:
         """A send done: counted, and one that failed ends the pass's sends."""
@@ -432,6 +441,7 @@ class LikenessService:
         telemetry: Telemetry | None = None,
         clock: Callable[[], datetime] = utcnow,
         public_url: str | None = None,
+        alert_timeout: float = 5.0,
     ) -> None:
         if not 0.0 <= tolerance <= 1.0:
             raise ValueError("the gate tolerance is a similarity difference, 0..1")
@@ -441,6 +451,9 @@ class LikenessService:
         self._generation = generation
         self._faces = faces
         self._alerter = alerter
+        # The longest one send to ``alerter`` takes (SELFIE_LORA_ALERT_TIMEOUT): a reconcile
+        # pass starts a send only if it can end within the pass's time for sends (``AlertSends``).
+        self.alert_timeout = alert_timeout
         self.tolerance = tolerance
         self._probe_count = probe_count
         self._probe_size = probe_size
@@ -807,7 +820,8 @@ class LikenessService:
         if self._alerter is None:
             return 0
         if sends is None:
-            sends = AlertSends(count=ALERTS_PER_PASS, seconds=ALERT_SENDS_SECONDS)
+            sends = AlertSends(count=ALERTS_PER_PASS, seconds=ALERT_SENDS_SECONDS,
+                               send_seconds=self.alert_timeout)
         if not sends.allowed():
             return 0
         now = self._clock()

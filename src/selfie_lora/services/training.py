@@ -1171,7 +1171,8 @@ class TrainingService:
         # sends (the endpoint is likely down: the holds' first send cost the pass one more
         # timeout). The unsent stay due, or claimed then due, for the next passes.
         sends = AlertSends(count=ALERTS_PER_PASS, seconds=ALERT_SENDS_SECONDS,
-                           stopping=stopping, monotonic=self._monotonic)
+                           send_seconds=self._likeness.alert_timeout, stopping=stopping,
+                           monotonic=self._monotonic)
         if not _unanswered(failures, skipping="sending the alerts that are due"):
             failed = len(failures)
             with _reconcile_part(failures, "sending the alerts that are due"):
