@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -829,7 +830,8 @@ def test_the_reconcile_pass_sends_a_bounded_number_of_unjudged_alerts(
     """The reconcile pass holds every version left undecided but sends at most
     ``ALERTS_PER_PASS`` of their alerts (as ``deliver_due_alerts`` caps its own): an endpoint
     slow to answer, not down, cost one send of the alert timeout each, up to the batch's 50 in
-    one pass. The rest stay claimed, then due, and a later round sends each once."""
+    one pass. The rest are left due (at once: the budget was spent before their hold), and a
+    later round sends each once."""
     try:
         second = _ended_unjudged(rig, monkeypatch, hold_locked=True)
         third = _another_left_undecided(rig, monkeypatch)
@@ -855,7 +857,8 @@ def test_the_reconcile_pass_s_due_and_unjudged_alerts_share_one_send_budget(
     """One pass sends at most ``ALERTS_PER_PASS`` alerts in all: its due alerts first, then
     those of the versions left undecided it holds, from what is left. Before, each part had a
     cap of its own, so a pass sent up to twice the budget (each send up to the alert timeout
-    against a slow endpoint). The unsent alert stays claimed, then due, and is sent once."""
+    against a slow endpoint). The unsent alert is left due at once (the budget was spent before
+    its hold), and is sent once."""
     try:
         second, third, later = _due_and_left_undecided(rig, monkeypatch)
         # The second's alert due, the third's version to hold: both kinds, past a budget of 1.
@@ -865,7 +868,8 @@ def test_the_reconcile_pass_s_due_and_unjudged_alerts_share_one_send_budget(
         assert rig.version(third).gate_status is GateStatus.HELD
         assert [a["version_id"] for a in rig.alerter.sent] == [
             rig.version(second).id], rig.alerter.sent
-        # The third's alert, claimed by that pass, is due once its claim runs out: sent once.
+        # The third's alert, held with the budget spent, is due at once, not claimed: sent once.
+        assert rig.version(third).id in rig.services.repo.due_alerts(later, limit=10)
         _each_sent_once_later(rig, monkeypatch, later, [second, third])
     finally:
         rig.services.close()
@@ -905,8 +909,8 @@ def test_a_pass_whose_due_alert_failed_sends_none_of_its_holds_alerts(
         rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """The endpoint down: the pass's round of due alerts fails its send, and the pass then holds
     the version left undecided without sending its alert (the endpoint is likely down still: one
-    more timeout of the pass's, where a worker's stop allows 30 s); that alert stays claimed,
-    then due, and is sent once the endpoint answers. Before, the holds sent it all the same."""
+    more timeout of the pass's, where a worker's stop allows 30 s); that alert is left due at
+    once, and is sent once the endpoint answers. Before, the holds sent it all the same."""
     try:
         second, third, later = _due_and_left_undecided(rig, monkeypatch)
         rig.alerter.fail = True
@@ -914,6 +918,7 @@ def test_a_pass_whose_due_alert_failed_sends_none_of_its_holds_alerts(
         assert rig.services.training.reconcile().alerts_tried == 1
         assert rig.alerter.calls == calls + 1  # the due one only
         assert rig.version(third).gate_status is GateStatus.HELD
+        assert rig.version(third).id in rig.services.repo.due_alerts(later, limit=10)
         rig.alerter.fail = False
         _each_sent_once_later(rig, monkeypatch, later, [second, third])
     finally:
@@ -924,7 +929,7 @@ def test_a_pass_whose_round_of_due_alerts_failed_sends_none_of_its_holds_alerts(
         rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pass's round of due alerts fails (a lock on an alert's claim: how many of its alerts
     went is not known): the pass still holds the version left undecided, but sends no alert
-    more; the hold's stays claimed, then due, and is sent once, as the one the round left."""
+    more; the hold's is left due at once, and is sent once, as the one the round left."""
     try:
         second, third, later = _due_and_left_undecided(rig, monkeypatch)
         calls = rig.alerter.calls
@@ -938,7 +943,32 @@ def test_a_pass_whose_round_of_due_alerts_failed_sends_none_of_its_holds_alerts(
                 rig.services.training.reconcile()
         assert rig.alerter.calls == calls
         assert rig.version(third).gate_status is GateStatus.HELD
+        assert rig.version(third).id in rig.services.repo.due_alerts(later, limit=10)
         _each_sent_once_later(rig, monkeypatch, later, [second, third])
+    finally:
+        rig.services.close()
+
+
+def test_a_hold_whose_pass_may_send_no_more_leaves_its_alert_due_at_once(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass that may send no more before a hold (here the worker's stop, as the consumer's
+    reconcile at a stop): the hold records its alert due at once, not claimed, so the next pass
+    sends it, once. Before, the hold claimed it all the same and it waited out the 5-minute
+    claim, sent by nobody meanwhile."""
+    try:
+        second = _ended_unjudged(rig, monkeypatch, hold_locked=True)
+        assert rig.version(second).gate_status is GateStatus.PENDING
+        calls = rig.alerter.calls
+        stopping = threading.Event()
+        stopping.set()
+        rig.services.training.reconcile(stopping=stopping)
+        version = rig.version(second)
+        assert version.gate_status is GateStatus.HELD
+        assert rig.alerter.calls == calls
+        assert rig.services.repo.due_alerts(datetime.now(UTC), limit=10) == [version.id]
+        assert rig.services.training.reconcile().alerts_tried == 1
+        assert rig.services.training.reconcile().alerts_tried == 0
+        assert [a["version_id"] for a in rig.alerter.sent] == [version.id], rig.alerter.sent
     finally:
         rig.services.close()
 

@@ -208,7 +208,8 @@ class GateVerdict:
 class GateDecided:
     """A version's gate decided inside a caller's transaction (``apply_verdict``,
     ``hold_unjudged``): a held one's alert claimed by this process, to deliver once that
-    transaction committed (None: it passed, or no alerter, the alert recorded, never sent), and
+    transaction committed (None: it passed, or no alerter, the alert recorded, never sent, or
+    ``hold_unjudged(claim=False)``, the alert left due for a reconciler), and
     the operator's log line, to write once it committed too (``log``)."""
 
     alert: alerts.ClaimedAlert | None
@@ -355,8 +356,8 @@ def mismatch_alert_text(*, user_name: str, version_number: int, message: str,
 LOG_PAGE = 50
 # How many alerts a reconcile pass sends in one go, its due alerts and those of the versions it
 # holds together (one budget, ``AlertSends``), each up to the alert timeout against a slow
-# endpoint (5 s by default): the rest stay due (a hold's: claimed, then due once its claim runs
-# out), for the next passes.
+# endpoint (5 s by default): the rest stay due for the next passes (a hold's recorded due at
+# once, or, when the budget ran out during the hold, claimed, then due once its claim runs out).
 ALERTS_PER_PASS = 10
 # The time a reconcile pass gives those sends (``AlertSends``), or one alert timeout when that is
 # longer: a send starts only if it can end within it, so a pass's sends end within it whatever
@@ -377,7 +378,8 @@ class AlertSends:
     a timeout) or once ``end`` is called.
 
     The alerts not sent are left for a later pass, to send once: a due one is not claimed (asked
-    before each claim), one a hold claimed is due once its claim runs out."""
+    before each claim); a hold's is recorded due at once when the budget was spent before the
+    hold (``allowed`` then False), else claimed, and due once its claim runs out."""
 
     def __init__(self, *, count: int, seconds: float, send_seconds: float,
                  stopping: threading.Event | None = None,
@@ -654,7 +656,7 @@ class LikenessService:
         return self._hold_undecided(tx, version_id, reason=CANCELED_REASON,
                                     mark="canceled") is not None
 
-    def hold_unjudged(self, tx: Repository, version_id: str, *, why: str
+    def hold_unjudged(self, tx: Repository, version_id: str, *, why: str, claim: bool = True
                       ) -> GateDecided | None:
         """Inside the caller's transaction: a version the gate could not judge (``why``, its
         owner's words) is kept, held, never activated by the gate, as a canceled one is; None
@@ -662,14 +664,16 @@ class LikenessService:
         the end), its owner learns of it as of any version the gate held: the ``not_scored``
         alert, recorded and claimed as ``apply_verdict``'s (the returned hold's, to deliver
         once ``tx`` committed, and its log line, ``GateDecided.log``, to write then too), and
-        the ``gate_held`` entry of the retraining log."""
+        the ``gate_held`` entry of the retraining log. ``claim`` False (a caller that will not
+        send it: a reconcile pass whose sends are spent): the alert is recorded due at once,
+        unclaimed, for any reconciler to claim and send, once."""
         held = self._hold_undecided(tx, version_id, reason=UNJUDGED_REASON.replace("{why}", why),
                                     mark="unjudged")
         if held is None:
             return None
         model, version, reason = held
         claimed = self._record_alert(tx, model, version, baseline=None, details={},
-                                     message=reason, at=self._clock())
+                                     message=reason, at=self._clock(), claim=claim)
         self._gate_event(tx, version, status=GateStatus.HELD, baseline=None, reason=reason,
                          details={})
         return GateDecided(alert=claimed, status=GateStatus.HELD, version_number=version.number,
@@ -696,14 +700,21 @@ class LikenessService:
 
     def _record_alert(self, tx: Repository, model: Model, version: Version, *,
                       baseline: Version | None, details: Mapping[str, Any], message: str,
-                      at: datetime) -> alerts.ClaimedAlert | None:
+                      at: datetime, claim: bool = True) -> alerts.ClaimedAlert | None:
         """A held version's alert, recorded inside ``tx``: claimed by this process when there is
-        an alerter (returned, to deliver once ``tx`` committed), else recorded, never sent."""
+        an alerter (returned, to deliver once ``tx`` committed), else recorded, never sent;
+        ``claim`` False, recorded due at once instead (None returned), for a reconciler."""
         owner = tx.get_user(model.user_id)
         alert = self._alert(model, version, baseline=baseline, details=details, message=message,
                             at=at, user_name=owner.name if owner is not None else None)
         if self._alerter is None:
             tx.set_version_alert(version.id, alert, due_at=None)
+            return None
+        if not claim:
+            # Not sent by this process: due now, so the next reconciler's round claims it (the
+            # compare-and-set claim lets one send it) instead of waiting out a claim nobody
+            # would use.
+            tx.set_version_alert(version.id, alert, due_at=at)
             return None
         # Due, and claimed by this process, which sends it once the transaction committed;
         # should it die first, any reconciler sends it when the claim runs out.

@@ -1169,7 +1169,8 @@ class TrainingService:
         # ALERTS_PER_PASS. A count, a time and the worker's stop: ten sends took 50 s at the
         # default timeout, where a worker's stop allows 30 s. A failed send ends both parts'
         # sends (the endpoint is likely down: the holds' first send cost the pass one more
-        # timeout). The unsent stay due, or claimed then due, for the next passes.
+        # timeout). The unsent stay due for the next passes (a hold's: due at once when the
+        # budget was spent before it, claimed then due when spent during it).
         sends = AlertSends(count=ALERTS_PER_PASS, seconds=ALERT_SENDS_SECONDS,
                            send_seconds=self._likeness.alert_timeout, stopping=stopping,
                            monotonic=self._monotonic)
@@ -1201,7 +1202,8 @@ class TrainingService:
         """Hold back the versions whose hold a lock refused when their training ended (left
         pending, ``_hold_apart``): nothing else decides them, and every front would say they are
         still being scored; their alerts are sent now as far as ``sends`` allows (what is left
-        of the pass's budget), the rest left claimed, then due. The lock that left them so may last:
+        of the pass's budget), the rest left due at once (the budget spent before the hold), or
+        claimed, then due (spent during it). The lock that left them so may last:
         each hold waits for it a moment only (``atomic_briefly``), and the first one still
         locked ends the part until the next pass (the others likely wait on the same lock: each
         would cost the pass its wait)."""
@@ -1213,7 +1215,10 @@ class TrainingService:
                     if t.status is TrainingStatus.CANCELED:
                         held = self._likeness.hold_canceled(tx, version.id)
                     else:
-                        hold = self._likeness.hold_unjudged(tx, version.id, why=LEFT_UNDECIDED)
+                        # A pass that may send no more leaves the alert due at once, unclaimed,
+                        # for the next pass: claimed, it waited out the 5-minute claim unsent.
+                        hold = self._likeness.hold_unjudged(tx, version.id, why=LEFT_UNDECIDED,
+                                                            claim=sends.allowed())
                         held = hold is not None
                         alert = hold.alert if hold is not None else None
                 if hold is not None:
@@ -1226,10 +1231,10 @@ class TrainingService:
             if held:  # not when it was decided meanwhile, or its model is gone
                 logger.info("reconcile: version %d of ended training %s held back",
                             version.number, t.id)
-            # One not sent now stays claimed, and is due once its claim runs out (a later
-            # round's ``deliver_due_alerts``), as a dead sender's: each send to an endpoint
-            # that is down would cost this pass its deadline, and one slow to answer too past
-            # the pass's budget of them (``sends``).
+            # One claimed but not sent now (the budget spent during the hold) stays claimed, and
+            # is due once its claim runs out (a later round's ``deliver_due_alerts``), as a dead
+            # sender's: each send to an endpoint that is down would cost this pass its deadline,
+            # and one slow to answer too past the pass's budget of them (``sends``).
             if alert is not None and sends.allowed():
                 sends.sent(delivered=self._likeness.deliver_alert(alert))
 
