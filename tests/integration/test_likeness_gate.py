@@ -764,36 +764,65 @@ def test_a_held_version_s_alert_line_is_written_once_its_verdict_committed(
     ann = rig.user()
     rig.train(ann)
     generator_of(rig).photos = other_person()
-    apply = LikenessService.apply_verdict
+    held = _decided_by_the_attempt_after_one_killed_before_its_commit(
+        rig, ann, monkeypatch, caplog, line="likeness alert:")
+    assert held.gate_status is GateStatus.HELD, held.gate_reason
+    assert _lines(caplog, "likeness alert:") == [
+        f"likeness alert: version 2 of model {held.model_id} held back: {held.gate_reason}"]
+    assert len(alerts_of(rig)) == 1
+
+
+def test_a_passed_version_s_line_is_written_once_its_verdict_committed(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The INFO line of a verdict that passed a version moved after its commit too: none for a
+    verdict rolled back (its worker killed before the commit), one for the one that committed."""
+    passed = _decided_by_the_attempt_after_one_killed_before_its_commit(
+        rig, rig.user(), monkeypatch, caplog, line="passed the likeness gate")
+    assert passed.gate_status is GateStatus.PASSED, passed.gate_reason
+    assert _lines(caplog, "passed the likeness gate") == [
+        f"version 1 of model {passed.model_id} passed the likeness gate: {passed.gate_reason}"]
+
+
+def _lines(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+
+def _decided_by_the_attempt_after_one_killed_before_its_commit(
+        rig: Rig, user: User, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, *, line: str) -> Version:
+    """Train ``user``'s next version, its worker killed at the last write of the verdict's
+    transaction (after ``apply_verdict``, before the commit: rolled back, the version still
+    pending, no line with ``line``'s words written), then restarted: the version as the next
+    attempt's committed verdict left it."""
+    apply, add_event = LikenessService.apply_verdict, SqlRepository.add_event
+    judged: list[str] = []
     killed: list[str] = []
 
-    def killed_before_the_commit(service: LikenessService, tx: Any, verdict: Any) -> Any:
-        decided = apply(service, tx, verdict)
-        if not killed:
-            killed.append(verdict.version_id)
+    def judging(service: LikenessService, tx: Any, verdict: Any) -> Any:
+        judged.append(verdict.version_id)
+        return apply(service, tx, verdict)
+
+    def killed_before_the_commit(repo: SqlRepository, *, model_id: str, kind: str,
+                                 data: dict[str, Any]) -> None:
+        add_event(repo, model_id=model_id, kind=kind, data=data)
+        if kind == "training_succeeded" and judged and not killed:
+            killed.append(judged[-1])
             raise SimulatedCrash("killed before the verdict's transaction committed")
-        return decided
 
-    def said() -> list[str]:
-        return [r.getMessage() for r in caplog.records
-                if r.getMessage().startswith("likeness alert:")]
-
-    monkeypatch.setattr(LikenessService, "apply_verdict", killed_before_the_commit)
+    monkeypatch.setattr(LikenessService, "apply_verdict", judging)
+    monkeypatch.setattr(SqlRepository, "add_event", killed_before_the_commit)
     with caplog.at_level("INFO", logger="selfie_lora"):
         with pytest.raises(SimulatedCrash):
-            rig.train(ann)
+            rig.train(user)
         [version_id] = killed
         pending = rig.repo.get_version(version_id)
         assert pending is not None
-        assert pending.gate_status is GateStatus.PENDING  # rolled back: nothing held
-        assert said() == []
+        assert pending.gate_status is GateStatus.PENDING  # rolled back: nothing decided
+        assert _lines(caplog, line) == []
         rig.restart()  # the next attempt's verdict commits
-    held = rig.repo.get_version(version_id)
-    assert held is not None
-    assert held.gate_status is GateStatus.HELD, held.gate_reason
-    assert said() == [f"likeness alert: version 2 of model {held.model_id} held back: "
-                      f"{held.gate_reason}"]
-    assert len(alerts_of(rig)) == 1
+    decided = rig.repo.get_version(version_id)
+    assert decided is not None
+    return decided
 
 
 def test_a_version_that_cannot_be_scored_is_held_with_the_reason(
