@@ -39,7 +39,12 @@ from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, MAX_SEND_SECONDS, ret
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.webhook_secrets import MAKE_SIGNING_SECRET
 from selfie_lora.errors import AlertDeliveryError, ConfigError, DatabaseUnreachableError, StorageError
-from selfie_lora.services.likeness import ALERT_SENDS_SECONDS, LikenessService, alert_text
+from selfie_lora.services.likeness import (
+    ALERT_SENDS_SECONDS,
+    GateDecided,
+    LikenessService,
+    alert_text,
+)
 from selfie_lora.testing.fakes import (
     FakeGenerator,
     FakeTrainer,
@@ -272,6 +277,40 @@ def test_a_pass_s_sends_may_take_up_to_their_time_when_each_fits(rig_for: Any,
 
     endpoint.meanwhile = the_first_send_takes_ten_seconds
     assert rig.training.reconcile().alerts_tried == 2
+
+
+def test_a_worker_killed_between_the_verdict_s_commit_and_its_line_leaves_the_alert_not_logged(
+        rig_for: Any, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """The "likeness alert" line is best-effort, the record durable (README, the gate): a worker
+    killed after the verdict's transaction committed, before its line, leaves the version held
+    and its alert recorded, sent once by a reconciler past the claim, and no line is ever
+    written for it. This pins the trade the line's move after the commit made (never a line for
+    a decision rolled back, never two), as the README states it."""
+    endpoint = RecordingAlerter()
+    rig = rig_for(endpoint)
+    ann = rig.user("ann")
+    assert isinstance(rig.generator, PhotoGenerator)
+    rig.train(ann)
+    rig.generator.photos = other_person()
+
+    def killed(decided: GateDecided) -> None:
+        raise SimulatedCrash("killed once the verdict committed, before its line")
+
+    with caplog.at_level(logging.INFO, logger="selfie_lora"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(GateDecided, "log", killed)
+            with pytest.raises(SimulatedCrash):
+                rig.train(ann)
+        latest = rig.repo.list_versions(rig.model(ann).id)[0]
+        assert (latest.number, latest.gate_status) == (2, GateStatus.HELD)
+        assert latest.alert is not None
+        assert endpoint.sent == []
+        rig.restart()
+        clock.advance(seconds=CLAIM.total_seconds() + 1)
+        assert rig.training.reconcile().alerts_tried == 1
+        assert rig.training.reconcile().alerts_tried == 0
+    assert [a["version_id"] for a in endpoint.sent] == [latest.id]
+    assert [r for r in caplog.records if r.getMessage().startswith("likeness alert:")] == []
 
 
 def test_two_reconcilers_at_once_send_an_alert_once(rig_for: Any, clock: Clock) -> None:
