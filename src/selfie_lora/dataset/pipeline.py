@@ -207,7 +207,9 @@ def _new_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
                                initargs=(factory, os.getpid(), logging_setup()))
 
 
-def _process_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
+def _process_pool(workers: int, factory: AnalyzerFactory, *,
+                  intake: bool = False) -> ProcessPoolExecutor:
+    """``intake``: mark the pool as an intake's (``_used``) in the step that looks it up."""
     key = (workers, factory)
     with _pools_lock:
         pool = _pools.get(key)
@@ -215,15 +217,16 @@ def _process_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor
             pool = _new_pool(workers, factory)
             _pools[key] = pool
             logger.info("started %d face-analysis worker process(es)", workers)
+        if intake:
+            # Under the same lock as the look-up: a stop in between took the pool for one no
+            # intake had used and ended the processes analysing this intake's photos.
+            _used.add(pool)
         return pool
 
 
 def _intake_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
     """The pool an intake analyses its photos in, marked as used (a stop waits for it)."""
-    pool = _process_pool(workers, factory)
-    with _pools_lock:
-        _used.add(pool)
-    return pool
+    return _process_pool(workers, factory, intake=True)
 
 
 def _drop_pool(workers: int, factory: AnalyzerFactory, pool: ProcessPoolExecutor) -> None:
