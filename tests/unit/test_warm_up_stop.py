@@ -165,3 +165,88 @@ def test_a_stop_before_the_warm_up_ran_starts_no_pool(
     assert made == []
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert "warm-up stopped" in caplog.text
+
+
+class StoppedAsAsked:
+    """A pool that records how it was shut down."""
+
+    def __init__(self) -> None:
+        self.shutdowns: list[dict[str, object]] = []
+
+    def shutdown(self, **options: object) -> None:
+        self.shutdowns.append(options)
+
+
+class Renamed(StoppedAsAsked):
+    """A pool of a Python whose ProcessPoolExecutor keeps its processes under other names:
+    none of the private attributes the stop of a pool no intake used reads."""
+
+
+class FailsToStop(StoppedAsAsked):
+    _processes: ClassVar[dict[int, object]] = {}
+    _executor_manager_thread = None
+
+    def shutdown(self, **options: object) -> None:
+        super().shutdown(**options)
+        raise OSError("a pipe of the pool is broken")
+
+
+def test_a_pool_that_cannot_be_stopped_as_planned_does_not_stop_the_stop(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The stop of a pool no intake used reads ``_processes`` and ``_executor_manager_thread``,
+    CPython's private names: on a Python without them it raised AttributeError, out of the
+    app's stop (the services then left unclosed), and the pools after it were not stopped at
+    all. Now such a pool is stopped as before that change (waited for), each pool is stopped
+    on its own, and a failure is logged, not raised."""
+    failing, renamed = FailsToStop(), Renamed()
+    first, second = NeverBuilt(), NeverBuilt()
+    monkeypatch.setattr(pipeline, "_pools", {(2, first): failing, (2, second): renamed})
+    caplog.set_level(logging.DEBUG)
+    pipeline.shutdown_pools()  # raises nothing
+    assert failing.shutdowns == [{"wait": False, "cancel_futures": True}]
+    assert renamed.shutdowns == [{"wait": True, "cancel_futures": True}]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
+    assert errors[0].exc_info[0] is OSError
+
+
+class Stubborn:
+    """A worker process that outlives SIGTERM (a handler of its own, a read stuck in the
+    kernel): only SIGKILL ends it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.killed = False
+
+    def terminate(self) -> None:
+        self.calls.append("terminate")
+
+    def kill(self) -> None:
+        self.calls.append("kill")
+        self.killed = True
+
+    def join(self, timeout: float | None = None) -> None:
+        self.calls.append(f"join {timeout}")
+        assert timeout is not None or self.killed, "a join that would never return"
+
+    def is_alive(self) -> bool:
+        return not self.killed
+
+
+def test_a_process_that_outlives_its_sigterm_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop waited without a bound for each process it had SIGTERMed."""
+    process = Stubborn()
+
+    class Unused(StoppedAsAsked):
+        _processes: ClassVar[dict[int, object]] = {1: process}
+        _executor_manager_thread = None
+
+    pool = Unused()
+    monkeypatch.setattr(pipeline, "_pools", {(2, NeverBuilt()): pool})
+    pipeline.shutdown_pools()
+    assert pool.shutdowns == [{"wait": False, "cancel_futures": True}]
+    assert process.calls[0] == "terminate"
+    assert process.calls[1].startswith("join ")
+    assert process.calls[1] != "join None"  # a bounded wait
+    assert process.calls[2:] == ["kill", "join None"]

@@ -258,10 +258,21 @@ def shutdown_pools() -> None:
         _pools.clear()
         _used.clear()
     for pool, used in pools:
-        if used:
-            pool.shutdown(wait=True, cancel_futures=True)
-        else:
-            _end_unused(pool)
+        # Each pool on its own: one that fails to stop must not leave the others' processes
+        # running, nor raise out of the service's stop (whose next step closes the services).
+        try:
+            if used:
+                pool.shutdown(wait=True, cancel_futures=True)
+            else:
+                _end_unused(pool)
+        except Exception:
+            logger.exception("could not stop a pool of face-analysis processes")
+
+
+# How long a stop waits for the processes it has SIGTERMed before it SIGKILLs them (a handler of
+# SIGTERM, a read stuck in the kernel): a stop that ends processes must not wait for ever.
+_PROCESS_END_S = 5.0
+_MISSING = object()
 
 
 def _end_unused(pool: ProcessPoolExecutor) -> None:
@@ -270,16 +281,31 @@ def _end_unused(pool: ProcessPoolExecutor) -> None:
     only tasks are the warm-up's, which then ends quietly (``warm_up``: a stop)."""
     # Read before the shutdown, which drops them: the pool's own map, to which a process the
     # warm-up is starting now is added before the shutdown can go on (it takes the same lock).
-    processes = pool._processes
-    manager = pool._executor_manager_thread
+    # The manager thread is made by the first submit: one under way now may make it after this
+    # read; not joined then, it ends by itself once the processes are gone.
+    # CPython's private names (3.11-3.13): a Python without them gets the stop of before,
+    # which waits for the processes.
+    processes = getattr(pool, "_processes", _MISSING)
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if processes is _MISSING or not isinstance(processes, dict | None):
+        logger.debug("this Python's process pool keeps no _processes: waiting for it instead")
+        pool.shutdown(wait=True, cancel_futures=True)
+        return
     pool.shutdown(wait=False, cancel_futures=True)  # no process is started after this
-    for process in list((processes or {}).values()):
+    ending = list((processes or {}).values())
+    for process in ending:
         process.terminate()
-    for process in list((processes or {}).values()):
-        process.join()
+    deadline = time.monotonic() + _PROCESS_END_S
+    for process in ending:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in ending:
+        if process.is_alive():
+            logger.warning("a face-analysis process outlived its SIGTERM: killed")
+            process.kill()
+            process.join()
     if isinstance(manager, threading.Thread):  # none before the pool's first task
         # It sees the ended processes, fails the warm-up's tasks and closes the pool's queues.
-        manager.join()
+        manager.join(_PROCESS_END_S)
 
 
 atexit.register(shutdown_pools)
