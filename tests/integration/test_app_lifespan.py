@@ -111,18 +111,32 @@ def test_the_warm_up_follows_the_setting_and_the_stop_always_stops_the_processes
         services.close()
 
 
-def test_the_warm_up_setting_is_on_unless_set_off_and_takes_only_true_or_false(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# What the README's row of SELFIE_LORA_INTAKE_WARM_UP says a boolean is (pydantic's reading).
+WARM_UP_VALUES = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False,
+                  "on": True, "off": False, "y": True, "n": False, "t": True, "f": False,
+                  "TRUE": True, "Off": False, "": True}
+
+
+@pytest.mark.parametrize(("value", "meant"), WARM_UP_VALUES.items())
+def test_the_warm_up_setting_takes_the_booleans_the_readme_lists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, meant: bool) -> None:
+    from selfie_lora.config import Settings
+
+    monkeypatch.setenv("SELFIE_LORA_INTAKE_WARM_UP", value)
+    assert Settings(home=tmp_path).intake_warm_up is meant
+
+
+@pytest.mark.parametrize("value", ["sometimes", "2", " true", "false ", "enabled"])
+def test_the_warm_up_setting_refuses_anything_else_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     from pydantic import ValidationError
 
     from selfie_lora.config import Settings, settings_errors
 
     assert Settings(home=tmp_path).intake_warm_up is True  # today's behaviour, by default
-    monkeypatch.setenv("SELFIE_LORA_INTAKE_WARM_UP", "false")
-    assert Settings(home=tmp_path).intake_warm_up is False
-    monkeypatch.setenv("SELFIE_LORA_INTAKE_WARM_UP", "sometimes")
+    monkeypatch.setenv("SELFIE_LORA_INTAKE_WARM_UP", value)
     with pytest.raises(ValidationError) as caught:
         Settings(home=tmp_path)
     [line] = settings_errors(caught.value)
     assert line.startswith("SELFIE_LORA_INTAKE_WARM_UP: "), line
-    assert "sometimes" not in line  # a value is never printed
+    assert value.strip() not in line  # a value is never printed
