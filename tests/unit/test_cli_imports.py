@@ -93,6 +93,13 @@ MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "
 def _command_loads(tmp_path: Path, args: list[str], heavy: tuple[str, ...]) -> tuple[int, list[str]]:
     """Runs ``selfie-lora ARGS`` in a fresh interpreter on ``tmp_path``'s HOME, in-process (the
     entry point's ``main``): its exit status, and which of ``heavy`` it loaded."""
+    code, loaded, _stderr = _command_run(tmp_path, args, heavy)
+    return code, loaded
+
+
+def _command_run(tmp_path: Path, args: list[str], heavy: tuple[str, ...]
+                 ) -> tuple[int, list[str], str]:
+    """``_command_loads``, and what the command wrote to stderr."""
     body = (f"sys.argv = ['selfie-lora', *{args!r}]\n"
             "    from selfie_lora.__main__ import main\n"
             "    try:\n"
@@ -104,7 +111,7 @@ def _command_loads(tmp_path: Path, args: list[str], heavy: tuple[str, ...]) -> t
     done, loaded = _loaded(tmp_path, body, heavy=heavy)
     exits = [line for line in done.stderr.splitlines() if line.startswith("EXIT ")]
     assert len(exits) == 1, done.stderr
-    return int(exits[0].removeprefix("EXIT ")), loaded
+    return int(exits[0].removeprefix("EXIT ")), loaded, done.stderr
 
 
 # huey's import loads redis and psycopg whenever they are installed (its storage module tries
@@ -297,8 +304,10 @@ def test_serve_on_a_taken_port_is_refused_before_the_web_app_is_imported(tmp_pat
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, loaded = _command_loads(
+        code, loaded, stderr = _command_run(
             tmp_path, ["serve", "--host", "127.0.0.1", "--port", str(port)],
             ("fastapi", "selfie_lora.api.app", "selfie_lora.wiring", "sqlalchemy"))
     assert (code, loaded) == (1, [])
+    # Refused for the port, not for anything before it (which would pass the above too).
+    assert f"cannot listen on 127.0.0.1:{port}: " in stderr, stderr
     assert not (tmp_path / "home").exists()  # and makes no HOME
