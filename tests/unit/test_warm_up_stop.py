@@ -250,3 +250,19 @@ def test_a_process_that_outlives_its_sigterm_is_killed(monkeypatch: pytest.Monke
     assert process.calls[1].startswith("join ")
     assert process.calls[1] != "join None"  # a bounded wait
     assert process.calls[2:] == ["kill", "join None"]
+
+
+def test_the_processes_of_a_pool_whose_shutdown_raised_are_ended_all_the_same(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A pool no intake used whose shutdown raised kept its processes running (the stop went
+    on to the next pool): they are SIGTERMed all the same, and the failure logged."""
+    process = Stubborn()
+
+    class Failing(FailsToStop):
+        _processes: ClassVar[dict[int, object]] = {1: process}
+
+    monkeypatch.setattr(pipeline, "_pools", {(2, NeverBuilt()): Failing()})
+    pipeline.shutdown_pools()
+    assert process.calls[0] == "terminate"
+    assert process.killed  # it outlived the SIGTERM here
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [OSError]

@@ -45,6 +45,7 @@ from concurrent.futures import (
 )
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 
 from selfie_lora.dataset.checks import (
     CheckPolicy,
@@ -291,8 +292,18 @@ def _end_unused(pool: ProcessPoolExecutor) -> None:
         logger.debug("this Python's process pool keeps no _processes: waiting for it instead")
         pool.shutdown(wait=True, cancel_futures=True)
         return
-    pool.shutdown(wait=False, cancel_futures=True)  # no process is started after this
-    ending = list((processes or {}).values())
+    try:
+        pool.shutdown(wait=False, cancel_futures=True)  # no process is started after this
+    finally:
+        # Also when the shutdown raised (the stop logs it): its processes are ended all the same.
+        _end_processes(list((processes or {}).values()))
+    if isinstance(manager, threading.Thread):  # none before the pool's first task
+        # It sees the ended processes, fails the warm-up's tasks and closes the pool's queues.
+        manager.join(_PROCESS_END_S)
+
+
+def _end_processes(ending: list[BaseProcess]) -> None:
+    """SIGTERM, then SIGKILL what outlives it by ``_PROCESS_END_S``."""
     for process in ending:
         process.terminate()
     deadline = time.monotonic() + _PROCESS_END_S
@@ -303,9 +314,6 @@ def _end_unused(pool: ProcessPoolExecutor) -> None:
             logger.warning("a face-analysis process outlived its SIGTERM: killed")
             process.kill()
             process.join()
-    if isinstance(manager, threading.Thread):  # none before the pool's first task
-        # It sees the ended processes, fails the warm-up's tasks and closes the pool's queues.
-        manager.join(_PROCESS_END_S)
 
 
 atexit.register(shutdown_pools)
