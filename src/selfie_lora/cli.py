@@ -425,10 +425,11 @@ def serve(
         # Closed when the command ends, also when the app cannot start.
         ctx.call_on_close(sock.close)
         port = sock.getsockname()[1]  # the one chosen for port 0
-    from selfie_lora.api.app import create_app
-    from selfie_lora.wiring import open_database, using_home
-
     with _starting(settings):
+        # Inside: a module they need not installed is the start's one line, not a traceback.
+        from selfie_lora.api.app import create_app
+        from selfie_lora.wiring import open_database, using_home
+
         # Until this command ends (the processes' parent holds it for them): no restore
         # meanwhile. First: one started during a restore must not make nor migrate a database.
         ctx.with_resource(using_home(settings))

@@ -311,3 +311,19 @@ def test_serve_on_a_taken_port_is_refused_before_the_web_app_is_imported(tmp_pat
     # Refused for the port, not for anything before it (which would pass the above too).
     assert f"cannot listen on 127.0.0.1:{port}: " in stderr, stderr
     assert not (tmp_path / "home").exists()  # and makes no HOME
+
+
+def test_serve_without_the_web_framework_installed_says_so_in_one_line(tmp_path: Path) -> None:
+    # The web app's imports moved after the bind, outside the start's error handling: a module
+    # missing (fastapi, its extra not installed) was a traceback, not the start's one line.
+    body = ("sys.modules['fastapi'] = None  # as if not installed: its import raises\n"
+            "    sys.argv = ['selfie-lora', 'serve', '--no-worker', '--host', '127.0.0.1',"
+            " '--port', '0']\n"
+            "    from selfie_lora.__main__ import main\n"
+            "    try:\n"
+            "        main()\n"
+            "    except SystemExit as exc:\n"
+            "        sys.stderr.write(f'EXIT {exc.code}\\n')")
+    done, _loaded_modules = _loaded(tmp_path, body, heavy=())
+    said = [line for line in done.stderr.splitlines() if not line.startswith("LOADED ")]
+    assert said == ["error: a module this needs is not installed: fastapi", "EXIT 1"], done.stderr
