@@ -29,9 +29,11 @@ _SQLITE_FULL = 13
 _PG_DISK_FULL = "53100"
 # How a PostgreSQL server's message says a quota used up on its disk: it maps ENOSPC to
 # disk_full but EDQUOT to no class of its own (internal_error, XX000), with the C library's words
-# for it in the message ("could not extend file ...: Disk quota exceeded"). glibc's words: a
-# server whose lc_messages translates them is not told apart (its quota is said as before).
-_PG_QUOTA_WORDS = "disk quota exceeded"
+# for it in the message ("could not extend file ...: Disk quota exceeded"). The words of the
+# server's C library: glibc's "Disk quota exceeded", musl's "Quota exceeded" (the alpine
+# images), BSD's and macOS's "Disc quota exceeded", all ending so. A server whose lc_messages
+# translates them is not told apart (its quota is said as before).
+_PG_QUOTA_WORDS = "quota exceeded"
 
 
 def is_full_error(exc: BaseException | None) -> bool:

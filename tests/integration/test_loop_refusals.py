@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InternalError
 from sqlalchemy.pool import QueuePool
 
 from selfie_lora.adapters.db.migrate import upgrade
@@ -89,6 +89,31 @@ def test_a_used_up_quota_on_the_database_server_is_a_refusal_said_as_a_quota(
     assert refusal_said(caught.value) == QUOTA_USED_UP
     assert "quota" in caught.value.message.split(": Disk quota exceeded")[0], caught.value.message
     assert "is full" not in caught.value.message
+
+
+@pytest.mark.parametrize("words", ["Disk quota exceeded", "Quota exceeded",
+                                   "Disc quota exceeded"], ids=["glibc", "musl", "bsd"])
+def test_a_postgresql_servers_quota_is_worded_where_the_repository_translates_it(
+        words: str) -> None:
+    # The test above takes the SQLite branch of the words (its engine is SQLite's), so the
+    # PostgreSQL server's words were never checked (review 3, B2). psycopg's own XX000 error,
+    # with the message a server gives when a quota stops it extending a table's file (the C
+    # library's words for EDQUOT: glibc's, musl's in the alpine images, BSD's and macOS's),
+    # wrapped as SQLAlchemy wraps it. No server: the engine connects only when used.
+    errors = pytest.importorskip("psycopg.errors")  # the postgres extra
+    engine = make_engine("postgresql+psycopg://selfie@127.0.0.1:1/selfie")
+    repo = SqlRepository(engine)
+    said = f'could not extend file "base/16384/16397": {words}'
+    error = errors.lookup("XX000")(said)
+    try:
+        with pytest.raises(StorageFullError) as caught, repo._translate():
+            raise InternalError("INSERT INTO trainings ...", {}, error)
+    finally:
+        engine.dispose()
+    assert caught.value.message == ("database error: a disk quota of the database server is "
+                                    f"used up: {said}")
+    assert caught.value.quota
+    assert refusal_said(caught.value) == QUOTA_USED_UP
 
 
 def test_a_read_only_sqlite_file_is_a_refusal_by_sqlite_s_own_code(tmp_path: Path) -> None:
