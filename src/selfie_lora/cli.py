@@ -36,7 +36,7 @@ from selfie_lora.console import (
 )
 from selfie_lora.domain.entities import Finding, GateStatus, Training, User, Version
 from selfie_lora.domain.lease import lease_is_live, wait_text
-from selfie_lora.domain.likeness import Undecided, gate_reason_now, unscored_words
+from selfie_lora.domain.likeness import UNDECIDED_AGAINST, gate_reason_now, unscored_words
 from selfie_lora.domain.plan import lora_scale_from_text, lora_scale_text
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
@@ -1671,12 +1671,8 @@ def activate_cmd(
     against = {GateStatus.HELD: ", although the likeness gate held it back",
                GateStatus.PENDING: ", although its likeness is still being scored"}.get(
         now.gate_status, "")
-    if undecided is Undecided.SCORING_KEPT_WAITING:
-        against = (", although its likeness could not be scored yet (the database was busy): "
-                   "the gate has not decided yet")
-    elif undecided is Undecided.VERDICT_KEPT_WAITING:
-        against = (", although the likeness gate's decision on it could not be saved yet (the "
-                   "database was busy; its likeness is scored)")
+    if undecided is not None:
+        against = UNDECIDED_AGAINST[undecided]
     console.print(f"version {now.number} of {owner.name}'s model is active{was}{against}; "
                   "generations that name no version use it", markup=False, highlight=False,
                   soft_wrap=True)

@@ -314,8 +314,9 @@ def test_train_names_the_activate_command_for_a_held_version(
 def test_activate_says_what_a_database_lock_left_of_a_pending_version(
         trained: Services) -> None:
     """'although its likeness is still being scored' was said of a version whose scoring a
-    database lock stopped, and of one scored whose gate decision's write it stopped, and
-    'versions' said 'pending' alone: said as the Versions page says them
+    database lock stopped, and of one scored whose judging it stopped (its verdict's write), and
+    'versions' said 'pending' alone (and "the gate's decision could not be saved" was said where
+    the lock came before the gate decided): said as the Versions page says them
     (``TrainingService.undecided``)."""
     ann = trained.users.get_by_name(name="ann")
     v1 = trained.models.version(user=ann, version_id="1")
@@ -324,10 +325,10 @@ def test_activate_says_what_a_database_lock_left_of_a_pending_version(
                     "again shortly",
              "although its likeness could not be scored yet (the database was busy): the gate "
              "has not decided yet"),
-            (True, "its likeness is scored, but the gate's decision could not be saved yet: the "
-                   "database was busy; it is tried again shortly",
-             "although the likeness gate's decision on it could not be saved yet (the database "
-             "was busy; its likeness is scored)")]:
+            (True, "its likeness is scored, but the gate could not decide yet: the database "
+                   "was busy; it is tried again shortly",
+             "although the likeness gate could not decide on it yet (the database was busy; its "
+             "likeness is scored)")]:
         stepped_away_on_a_lock(trained, v1, scored=scored)
         code, said = run("versions", "--user", "ann")
         assert code == 0, said

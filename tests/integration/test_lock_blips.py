@@ -21,7 +21,14 @@ import pytest
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.domain import alerts
 from selfie_lora.domain.entities import Dataset, GateStatus, Training, TrainingStatus, Version
-from selfie_lora.domain.likeness import LikenessStatus, Undecided
+from selfie_lora.domain.likeness import (
+    UNDECIDED_AGAINST,
+    UNDECIDED_BOX,
+    UNDECIDED_NOTES,
+    UNDECIDED_WORDS,
+    LikenessStatus,
+    Undecided,
+)
 from selfie_lora.errors import DatabaseLockedError
 from selfie_lora.services.layout import reference_key
 from selfie_lora.services.likeness import AlertSends, LikenessService
@@ -222,6 +229,18 @@ def _undecided(rig: _Rig, t: Training) -> Undecided | None:
     return why
 
 
+def _undecided_until_it_ends(rig: _Rig, t: Training) -> tuple[Training, list[Undecided | None]]:
+    """``t``'s attempts run one after the other, each once its hold passed, until it ends (at
+    most 20): ``t`` as it ended, and what the pages said of its version before each attempt."""
+    said = []
+    while not t.status.is_terminal and len(said) < 20:
+        said.append(_undecided(rig, t))
+        rig.clock.past(t)
+        rig.services.training.run(t.id)
+        t = rig.training(t.id)
+    return t, said
+
+
 def _kept_waiting(rig: _Rig, t: Training) -> bool:
     """Whether the Versions page says ``t``'s version waits out a database lock to be scored."""
     return _undecided(rig, t) is Undecided.SCORING_KEPT_WAITING
@@ -285,15 +304,105 @@ def test_a_scored_version_whose_verdict_write_a_lock_stopped_is_not_said_unscore
         assert record is not None
         assert record.status is LikenessStatus.SCORED
         assert not _kept_waiting(rig, second)
-        # Said as what it is: scored, the gate's decision not saved (the usual "still being
-        # scored" words were said of it).
-        assert _undecided(rig, second) is Undecided.VERDICT_KEPT_WAITING
+        # Said as what it is: scored, the gate not decided (the usual "still being scored"
+        # words were said of it).
+        assert _undecided(rig, second) is Undecided.JUDGING_KEPT_WAITING
         # Its next attempt judges it (from its scores): no longer said.
         rig.clock.past(second)
         rig.services.training.run(second.id)
         done = rig.training(second.id)
         assert done.status is TrainingStatus.SUCCEEDED, done.error
         assert _undecided(rig, done) is None
+    finally:
+        rig.services.close()
+
+
+def test_a_lock_before_the_gate_decided_is_not_said_a_decision_not_saved(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock met after the version was scored but before the gate decided (here the
+    reference of the baseline's photos, read with ``lock_raises``) leaves the same scored record
+    as a lock on the verdict's write: "the gate's decision could not be saved" was said of it,
+    where no decision was made (found in review). Said as true of both: the gate could not
+    decide yet."""
+    reference_for = LikenessService._reference_for
+    left = [1]
+    applied = []
+
+    def locked_reference(service: LikenessService, version: Version, *,
+                         outage_raises: bool = False, lock_raises: bool = False) -> object:
+        if rig.scoring and lock_raises and left[0]:
+            left[0] -= 1
+            raise DatabaseLockedError(LOCKED, lock=True)
+        return reference_for(service, version, outage_raises=outage_raises,
+                             lock_raises=lock_raises)
+
+    apply = LikenessService.apply_verdict
+
+    def apply_verdict(service: LikenessService, tx: object, verdict: object) -> object:
+        applied.append(verdict)
+        return apply(service, tx, verdict)  # type: ignore[arg-type]
+
+    try:
+        assert rig.train(0).status is TrainingStatus.SUCCEEDED
+        monkeypatch.setattr(LikenessService, "_reference_for", locked_reference)
+        monkeypatch.setattr(LikenessService, "apply_verdict", apply_verdict)
+        second = rig.train(3)
+        assert not left[0], "the lock was never met"
+        assert second.error == SCORING_LOCKED, second.error
+        assert not applied, "the gate decided"
+        record = rig.services.repo.get_likeness(rig.version(second).id)
+        assert record is not None
+        assert record.status is LikenessStatus.SCORED
+        why = _undecided(rig, second)
+        assert why is Undecided.JUDGING_KEPT_WAITING
+        assert UNDECIDED_WORDS[why] == ("its likeness is scored, but the gate could not decide "
+                                        "yet: the database was busy; it is tried again shortly")
+        # Nowhere a decision that "could not be saved": none was made.
+        for words in (UNDECIDED_WORDS, UNDECIDED_NOTES, UNDECIDED_AGAINST, UNDECIDED_BOX):
+            assert "saved" not in words[why], words[why]
+        rig.clock.past(second)
+        rig.services.training.run(second.id)
+        done = rig.training(second.id)
+        assert done.status is TrainingStatus.SUCCEEDED, done.error
+        assert len(applied) == 1
+        assert _undecided(rig, done) is None
+    finally:
+        rig.services.close()
+
+
+def test_a_verdict_write_locked_each_time_is_said_held_unjudged_at_the_cut_off(
+        rig: _Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock on the gate's verdict write at every attempt: its next attempt judges it from its
+    scores (no probe rendered again) while its stops are under ``_judge``'s cut-off
+    (``2 * max_attempts``), also once its scoring's attempts are spent (``[max, 2 * max)``);
+    the last is said as what its next attempt does, holding it back unjudged, not "it is tried
+    again shortly"."""
+    apply = LikenessService.apply_verdict
+
+    def apply_verdict(service: LikenessService, tx: object, verdict: object) -> object:
+        if rig.scoring:
+            raise DatabaseLockedError(LOCKED, lock=True)
+        return apply(service, tx, verdict)  # type: ignore[arg-type]
+
+    try:
+        assert rig.train(0).status is TrainingStatus.SUCCEEDED
+        monkeypatch.setattr(LikenessService, "apply_verdict", apply_verdict)
+        second = rig.train(3)
+        rendered = []
+        generate = rig.generator.generate
+
+        def rendering(job: GenerationJob) -> list[bytes | None]:
+            rendered.append(job)
+            return generate(job)
+
+        monkeypatch.setattr(rig.generator, "generate", rendering)
+        second, said = _undecided_until_it_ends(rig, second)
+        attempts = rig.services.training.lease.max_attempts
+        assert said == ([Undecided.JUDGING_KEPT_WAITING] * (2 * attempts - 1)
+                        + [Undecided.HELD_UNJUDGED_NEXT]), said
+        assert not rendered, "a scored version's probes were rendered again"
+        assert second.status is TrainingStatus.SUCCEEDED, second.error
+        assert rig.version(second).gate_status is GateStatus.HELD
     finally:
         rig.services.close()
 
@@ -307,14 +416,12 @@ def test_a_version_judged_without_scores_next_is_not_said_to_be_scored_again(
         assert rig.train(0).status is TrainingStatus.SUCCEEDED
         rig.locks = -1
         second = rig.train(3)
-        said = []
-        while not second.status.is_terminal and len(said) < 10:
-            said.append(_kept_waiting(rig, second))
-            rig.clock.past(second)
-            rig.services.training.run(second.id)
-            second = rig.training(second.id)
+        second, said = _undecided_until_it_ends(rig, second)
         attempts = rig.services.training.lease.max_attempts
-        assert said == [True] * (attempts - 1) + [False], said
+        # The last said as what its next attempt does: the fallback, "its likeness still being
+        # scored", was said of it, where nothing scored it and nothing would.
+        assert said == ([Undecided.SCORING_KEPT_WAITING] * (attempts - 1)
+                        + [Undecided.JUDGED_WITHOUT_SCORES_NEXT]), said
         assert rig.version(second).gate_status is GateStatus.HELD
     finally:
         rig.services.close()

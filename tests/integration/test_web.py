@@ -2777,24 +2777,76 @@ def test_a_version_a_lock_left_undecided_is_worded_as_such_wherever_it_is_listed
 
     stepped_away_on_a_lock(svc, v2, scored=False)
     assert option() == "v2 (its likeness could not be scored yet: the database was busy)"
-    # Scored, the lock on the gate's verdict write (the Gate cell said "pending" alone).
+    # Scored, the lock on its judging (the Gate cell said "pending" alone): not "the gate's
+    # decision could not be saved", as a lock before the gate decided leaves the same.
     stepped_away = stepped_away_on_a_lock(svc, v2, scored=True)
     page, dialog, box = _use_words(ann, 2)
-    assert ("<td>pending: <span class=\"muted\">its likeness is scored, but the gate's decision "
-            "could not be saved yet: the database was busy; it is tried again shortly</span>"
+    assert ("<td>pending: <span class=\"muted\">its likeness is scored, but the gate could not "
+            "decide yet: the database was busy; it is tried again shortly</span>"
             "</td>") in html.unescape(page)
     assert "still being scored" not in dialog, dialog
-    assert ("although the likeness gate's decision on it could not be saved yet (the database "
-            "was busy; its likeness is scored)") in dialog, dialog
-    assert box == "Yes, use version 2 although the gate's decision could not be saved yet"
-    assert option() == ("v2 (the likeness gate's decision could not be saved yet: the database "
-                        "was busy)")
+    assert ("although the likeness gate could not decide on it yet (the database was busy; its "
+            "likeness is scored)") in dialog, dialog
+    assert box == "Yes, use version 2 although the gate has not decided yet"
+    assert option() == "v2 (the likeness gate could not decide yet: the database was busy)"
     # Its next attempt claims it (the row's words stay until it ends): the usual words again.
     svc.repo.save_training(replace(stepped_away, attempt=stepped_away.attempt + 1))
     assert option() == "v2 (its likeness still being scored)"
     page, dialog, box = _use_words(ann, 2)
     assert "the database was busy" not in page
     assert box == "Yes, use version 2 although its likeness is still being scored"
+
+
+def test_what_the_next_attempt_does_with_a_version_a_lock_left_is_said_not_still_scored(
+        ann: TestClient, svc: Services) -> None:
+    """Where the next attempt after a lock's step-away does not score the version (its scoring's
+    attempts spent: judged without scores; its stops at the judging's cut-off: held back
+    unjudged; a cancel asked meanwhile: canceled), the pages fell back to "its likeness still
+    being scored", work that no worker was doing nor would do (found in review)."""
+    _, _, v2 = _two_versions_the_first_active(ann, svc)
+    attempts = svc.training.lease.max_attempts
+
+    def said() -> tuple[str, str, str, str]:
+        """v2's option in the Generate page's list, its Gate cell, use dialog and box."""
+        found = re.search(r'<option value="2"[^>]*>([^<]*)</option>', ann.get("/generate").text)
+        assert found
+        page, dialog, box = _use_words(ann, 2)
+        cell = re.search(r'<td>pending: <span class="muted">([^<]*)</span></td>', page)
+        assert cell
+        return (html.unescape(found.group(1)), html.unescape(cell.group(1)), dialog, box)
+
+    # The step-away counts as a stop at the next claim: ``recoveries`` stops before it.
+    for scored, recoveries, option, cell, against, box in [
+            (False, attempts - 1,
+             "v2 (its likeness could not be scored: the database was busy; the gate decides "
+             "without its scores)",
+             "its likeness could not be scored: the database was busy; the gate decides "
+             "without its scores next",
+             ", although its likeness could not be scored (the database was busy): the gate has "
+             "not decided yet",
+             "Yes, use version 2 although its likeness could not be scored"),
+            (True, 2 * attempts - 1,
+             "v2 (the likeness gate could not decide: the database was busy; it is held back "
+             "unjudged)",
+             "the gate could not decide on it: the database was busy; it is held back "
+             "unjudged next",
+             ", although the likeness gate could not decide on it (the database was busy): it "
+             "is held back unjudged next",
+             "Yes, use version 2 although the gate has not decided")]:
+        stepped_away = stepped_away_on_a_lock(svc, v2, scored=scored)
+        svc.repo.save_training(replace(stepped_away, recoveries=recoveries))
+        assert said() == (option, cell, "Use version 2 from now on? New pictures will use "
+                          f"it{against}. You can switch back at any time.", box)
+    # A cancel asked while its worker was at it: the next attempt cancels.
+    stepped_away = stepped_away_on_a_lock(svc, v2, scored=False)
+    svc.repo.request_cancel(stepped_away.id)
+    assert said() == (
+        "v2 (its training is being canceled: the gate will not decide on it)",
+        "its training is being canceled: the gate will not decide on it (the database was "
+        "busy; the cancel is done shortly)",
+        "Use version 2 from now on? New pictures will use it, although its training is being "
+        "canceled: the gate will not decide on it. You can switch back at any time.",
+        "Yes, use version 2 although its training is being canceled")
 
 
 def test_a_version_without_its_weights_is_refused_on_the_pages_not_a_500(

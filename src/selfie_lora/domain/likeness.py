@@ -721,26 +721,76 @@ class Undecided(enum.StrEnum):
     being scored" would not be true: no worker is at it, as a database lock made the attempt
     that held it step away, and the next attempt goes on after a wait
     (``TrainingService.undecided``). Every place that says a pending version (the Versions
-    page, its use dialog, the Generate page's version list, ``selfie-lora activate``) words it
-    from this one fact, so that none says "still being scored" where another says the
-    database was busy."""
+    page, its use dialog, the Generate page's version list, ``selfie-lora activate``,
+    ``selfie-lora versions`` and ``compare``) words it from this one fact, so that none says
+    "still being scored" where another says the database was busy."""
 
     # Its scoring was stopped before its likeness was scored: scored again shortly.
     SCORING_KEPT_WAITING = "scoring_kept_waiting"
-    # Its likeness was scored; the gate's decision was not saved (its write kept waiting):
-    # the next attempt judges it from those scores, not scoring it again.
-    VERDICT_KEPT_WAITING = "verdict_kept_waiting"
+    # Its likeness was scored, and then the lock met the judging: on the gate's verdict write,
+    # or before the gate decided (the baseline's reference or scores, its photos), which leave
+    # the same record. So "the gate could not decide yet", never "its decision could not be
+    # saved": the next attempt judges it from those scores, not scoring it again.
+    JUDGING_KEPT_WAITING = "judging_kept_waiting"
+    # Not scored, its scoring's attempts spent: the next attempt judges it without scores.
+    JUDGED_WITHOUT_SCORES_NEXT = "judged_without_scores_next"
+    # Its stops spent twice over (scored or not): the next attempt holds it back unjudged.
+    HELD_UNJUDGED_NEXT = "held_unjudged_next"
+    # Its training's cancel was asked while its worker was at it: the next attempt cancels,
+    # the gate never decides.
+    CANCELED_NEXT = "canceled_next"
 
 
 # Why such a version is pending, after "pending: " in the Versions page's Gate cell and below
-# ``selfie-lora versions``' table: one wording for both.
+# ``selfie-lora versions``' table: one wording for both (and ``compare``).
 UNDECIDED_WORDS = {
     Undecided.SCORING_KEPT_WAITING: ("its likeness could not be scored yet: the database was "
                                      "busy; it is scored again shortly"),
-    Undecided.VERDICT_KEPT_WAITING: ("its likeness is scored, but the gate's decision could not "
-                                     "be saved yet: the database was busy; it is tried again "
-                                     "shortly"),
+    Undecided.JUDGING_KEPT_WAITING: ("its likeness is scored, but the gate could not decide "
+                                     "yet: the database was busy; it is tried again shortly"),
+    Undecided.JUDGED_WITHOUT_SCORES_NEXT: ("its likeness could not be scored: the database was "
+                                           "busy; the gate decides without its scores next"),
+    Undecided.HELD_UNJUDGED_NEXT: ("the gate could not decide on it: the database was busy; it "
+                                   "is held back unjudged next"),
+    Undecided.CANCELED_NEXT: ("its training is being canceled: the gate will not decide on it "
+                              "(the database was busy; the cancel is done shortly)"),
 }
+# The same, in the Generate page's version list, in brackets after "vN".
+UNDECIDED_NOTES = {
+    Undecided.SCORING_KEPT_WAITING: "its likeness could not be scored yet: the database was busy",
+    Undecided.JUDGING_KEPT_WAITING: ("the likeness gate could not decide yet: the database was "
+                                     "busy"),
+    Undecided.JUDGED_WITHOUT_SCORES_NEXT: ("its likeness could not be scored: the database was "
+                                           "busy; the gate decides without its scores"),
+    Undecided.HELD_UNJUDGED_NEXT: ("the likeness gate could not decide: the database was busy; "
+                                   "it is held back unjudged"),
+    Undecided.CANCELED_NEXT: "its training is being canceled: the gate will not decide on it",
+}
+# The same, where a version is used against the gate: after "Use version N from now on? New
+# pictures will use it" in the Versions page's dialog and after "version N of U's model is
+# active" from ``selfie-lora activate``.
+UNDECIDED_AGAINST = {
+    Undecided.SCORING_KEPT_WAITING: (", although its likeness could not be scored yet (the "
+                                     "database was busy): the gate has not decided yet"),
+    Undecided.JUDGING_KEPT_WAITING: (", although the likeness gate could not decide on it yet "
+                                     "(the database was busy; its likeness is scored)"),
+    Undecided.JUDGED_WITHOUT_SCORES_NEXT: (", although its likeness could not be scored (the "
+                                           "database was busy): the gate has not decided yet"),
+    Undecided.HELD_UNJUDGED_NEXT: (", although the likeness gate could not decide on it (the "
+                                   "database was busy): it is held back unjudged next"),
+    Undecided.CANCELED_NEXT: (", although its training is being canceled: the gate will not "
+                              "decide on it"),
+}
+# The same, on the no-script box's "Yes, use version N" (short).
+UNDECIDED_BOX = {
+    Undecided.SCORING_KEPT_WAITING: " although its likeness could not be scored yet",
+    Undecided.JUDGING_KEPT_WAITING: " although the gate has not decided yet",
+    Undecided.JUDGED_WITHOUT_SCORES_NEXT: " although its likeness could not be scored",
+    Undecided.HELD_UNJUDGED_NEXT: " although the gate has not decided",
+    Undecided.CANCELED_NEXT: " although its training is being canceled",
+}
+
+
 # The workers' own keys (that lock's, and the storage's and a full disk's waits, noted while
 # a version is scored too): not the trainer's figures, so never copied into what a version's
 # record (``training_figures``) or the retraining log (``succeeded_event``) shows its owner.

@@ -846,23 +846,30 @@ class TrainingService:
         Not by the row's words alone (``SCORING_LOCKED``): they stay until the version is
         stored, so they were said while the next attempt scored it, or after its worker died.
         Only the attempt that stepped away on the lock (``LOCKED_AWAY_KEY``), before any worker
-        claims it again. A version already scored had the lock on the gate's verdict write: it
-        is not scored again, its next attempt judges it from its scores
-        (``VERDICT_KEPT_WAITING``), unless that attempt ends the training unjudged (its
-        judging's stops spent too: ``_end_unjudged``). One not scored is scored again shortly
-        (``SCORING_KEPT_WAITING``), unless its next attempt judges it without scores (its
-        scoring's attempts spent): "scored again shortly" would be a false promise."""
+        claims it again. A cancel asked meanwhile is what its next attempt does
+        (``CANCELED_NEXT``). A version already scored had the lock on its judging (the verdict's
+        write, or a read or the baseline's scoring before the gate decided: the same record):
+        its next attempt judges it from its scores (``JUDGING_KEPT_WAITING``). One not scored
+        is scored again shortly (``SCORING_KEPT_WAITING``), unless its next attempt judges it
+        without scores (its scoring's attempts spent: ``JUDGED_WITHOUT_SCORES_NEXT``). Either
+        is held back unjudged by the next attempt once its stops reach ``_judge``'s cut-off
+        (``_end_unjudged``: ``HELD_UNJUDGED_NEXT``). Each is what the next attempt
+        does: "still being scored", the words of a pending version otherwise, would be false."""
         if (version.gate_status is not GateStatus.PENDING or t.version_id != version.id
                 or t.status.is_terminal or t.error != SCORING_LOCKED
                 or t.metrics.get(LOCKED_AWAY_KEY) != t.attempt):
             return None
+        if t.cancel_requested:
+            return Undecided.CANCELED_NEXT
         at_store = int(version.gate_details.get(RECOVERIES_WHEN_STORED, 0))
         # The next claim counts the step-away as a stop (its owner stays).
         stops = scoring_stops(t, recoveries_when_stored=at_store) + 1
+        if stops >= 2 * self.lease.max_attempts:  # as ``_judge`` cuts off, scored or not
+            return Undecided.HELD_UNJUDGED_NEXT
         if scored():
-            return (Undecided.VERDICT_KEPT_WAITING if stops < 2 * self.lease.max_attempts
-                    else None)
-        return Undecided.SCORING_KEPT_WAITING if stops < self.lease.max_attempts else None
+            return Undecided.JUDGING_KEPT_WAITING
+        return (Undecided.SCORING_KEPT_WAITING if stops < self.lease.max_attempts
+                else Undecided.JUDGED_WITHOUT_SCORES_NEXT)
 
     def view(self, training: Training, *, version: Version | None = None) -> TrainingView:
         if version is None and training.version_id:

@@ -25,6 +25,9 @@ from selfie_lora.dataset.limits import SentFile
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
     DEFAULT_GATE_TOLERANCE,
+    UNDECIDED_AGAINST,
+    UNDECIDED_BOX,
+    UNDECIDED_NOTES,
     UNDECIDED_WORDS,
     GateMeasure,
     LikenessFacts,
@@ -738,8 +741,10 @@ def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
                          version.gate_reason, active=active_version_id == version.id,
                          active_number=active_number) if version.gate_reason else None,
                      "photos": photos.get(version.id),
-                     "undecided": why,
-                     "undecided_words": UNDECIDED_WORDS[why] if why is not None else None})
+                     # Its Gate cell's, use dialog's and no-script box's words of it.
+                     "undecided_words": UNDECIDED_WORDS[why] if why is not None else None,
+                     "undecided_against": UNDECIDED_AGAINST[why] if why is not None else None,
+                     "undecided_box": UNDECIDED_BOX[why] if why is not None else None})
     return rows
 
 
@@ -969,7 +974,8 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
                       versions=versions, version=version,
                       # What the list says of a pending version: "still being scored" was
                       # said of one whose worker stepped away on a database lock too.
-                      undecided=svc.training.undecided_of(versions=versions),
+                      undecided={vid: UNDECIDED_NOTES[why] for vid, why in
+                                 svc.training.undecided_of(versions=versions).items()},
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, before=before or None,
