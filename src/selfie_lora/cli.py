@@ -36,7 +36,12 @@ from selfie_lora.console import (
 )
 from selfie_lora.domain.entities import Finding, GateStatus, Training, User, Version
 from selfie_lora.domain.lease import lease_is_live, wait_text
-from selfie_lora.domain.likeness import UNDECIDED_AGAINST, gate_reason_now, unscored_words
+from selfie_lora.domain.likeness import (
+    UNDECIDED_AGAINST,
+    UNDECIDED_WORDS,
+    gate_reason_now,
+    unscored_words,
+)
 from selfie_lora.domain.plan import lora_scale_from_text, lora_scale_text
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
@@ -1418,8 +1423,14 @@ def _being_scored_words(services: Services, *, owner: Any, version: Version) -> 
     try:
         training = services.training.progress(user=owner,
                                               training_id=version.training_id).training
+        # Its worker stepped away on a database lock: "being scored by a worker" was said of
+        # it, as the pages no longer say (one fact for all, TrainingService.undecided).
+        undecided = services.training.undecided_of(versions=[version]).get(version.id)
     except SelfieLoraError:
         return being_scored_message(version.number, None, now=utcnow())
+    if undecided is not None:
+        return (f"version {version.number} is not being scored: {UNDECIDED_WORDS[undecided]}: "
+                "it shows as not scored; run compare again once its training ended")
     return being_scored_message(version.number, training, now=utcnow())
 
 
@@ -1599,7 +1610,7 @@ def versions_cmd(
     likeness gate's decision, and which is active ('selfie-lora activate N --user NAME' rolls
     back)."""
     from selfie_lora.api.serializers import version_json
-    from selfie_lora.domain.likeness import UNDECIDED_WORDS, gate_cell, likeness_cell
+    from selfie_lora.domain.likeness import gate_cell, likeness_cell
 
     with opened(existing="no versions to list", trainers={}, generators={}) as services:
         owner = services.users.get_by_name(name=user)

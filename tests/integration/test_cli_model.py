@@ -5,10 +5,12 @@ refuse with their words."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -341,6 +343,42 @@ def test_activate_says_what_a_database_lock_left_of_a_pending_version(
             f"version 1 of ann's model is active (was version 2), {against}; generations that "
             "name no version use it")
         assert run("activate", "2", "--user", "ann")[0] == 0
+
+
+@contextlib.contextmanager
+def _v1_as_it_was(services: Services) -> Iterator[Version]:
+    """ann's version 1, put back as it was (its gate, record and training's row) once the test
+    made it one a lock left undecided: the module's later tests read it."""
+    ann = services.users.get_by_name(name="ann")
+    v1 = services.models.version(user=ann, version_id="1")
+    record = services.repo.get_likeness(v1.id)
+    training = services.repo.get_training(v1.training_id)
+    assert record is not None
+    assert training is not None
+    try:
+        yield v1
+    finally:
+        services.repo.set_version_gate(v1.id, status=v1.gate_status, reason=v1.gate_reason,
+                                       details=v1.gate_details)
+        services.repo.save_likeness(record)
+        services.repo.save_training(training)
+
+
+def test_compare_says_what_a_lock_left_of_a_version_not_being_scored(
+        trained: Services, tmp_path: Path) -> None:
+    """A version whose worker stepped away on a database lock was said to be "being scored by a
+    worker (its training ... is in phase scoring)" by compare, which the pages no longer say of
+    it: said as the Versions page says it (``TrainingService.undecided``)."""
+    with _v1_as_it_was(trained) as v1:
+        stepped_away_on_a_lock(trained, v1, scored=False)
+        code, said = run("compare", "--user", "ann", "--a", "1", "--b", "2",
+                         "--out", str(tmp_path))
+        assert code == 0, said
+        said = " ".join(said.split())
+        assert "being scored by a worker" not in said, said
+        assert ("version 1 is not being scored: its likeness could not be scored yet: the "
+                "database was busy; it is scored again shortly: it shows as not scored; run "
+                "compare again once its training ended") in said, said
 
 
 def test_a_custom_lora_scale_is_set_and_survives_retraining(trained: Services,
