@@ -1673,8 +1673,15 @@ def activate_cmd(
         now = services.models.activate(user=owner, version_id=number).active
         assert now is not None  # activate made one active
         # Why the gate has not decided on it, where a database lock is why: "still being
-        # scored" was said of it too, as the Versions page no longer does.
-        undecided = services.training.undecided_of(versions=[now]).get(now.id)
+        # scored" was said of it too, as the Versions page no longer does. Read after the
+        # activation committed: a failure of this read (a lock again) is logged, not the
+        # command's exit 1, which said an activation that was done had failed.
+        try:
+            undecided = services.training.undecided_of(versions=[now]).get(now.id)
+        except SelfieLoraError as exc:
+            logger.warning("version %d is active; why the gate has not decided on it could "
+                           "not be read: %s", now.number, exc.message)
+            undecided = None
     was = f" (was version {before.number})" if before is not None else ""
     if before is not None and before.id == now.id:
         was = " (it was already)"

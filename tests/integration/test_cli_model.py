@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -28,8 +29,8 @@ from selfie_lora.domain.likeness import (
     likeness_cell,
     unscored_words,
 )
-from selfie_lora.errors import GenerationError
-from selfie_lora.services.training import NextPin
+from selfie_lora.errors import DatabaseLockedError, GenerationError
+from selfie_lora.services.training import NextPin, TrainingService
 from selfie_lora.testing.fakes import FakeGenerator
 from selfie_lora.wiring import Services
 from tests.conftest import auth, wait_terminal
@@ -362,6 +363,27 @@ def _v1_as_it_was(services: Services) -> Iterator[Version]:
                                        details=v1.gate_details)
         services.repo.save_likeness(record)
         services.repo.save_training(training)
+
+
+def test_activate_says_the_activation_when_what_a_lock_left_cannot_be_read(
+        trained: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read of why the gate has not decided comes after the activation committed: its
+    failure (a lock again) made the command exit 1 with an error, an activation that was done
+    said to have failed. Now the activation is said, the failed read logged."""
+    def locked(self: TrainingService, *, versions: object) -> None:
+        raise DatabaseLockedError("database error: database is locked", lock=True)
+
+    monkeypatch.setattr(TrainingService, "undecided_of", locked)
+    with _v1_as_it_was(trained):
+        code, said = run("activate", "1", "--user", "ann")
+        assert code == 0, said
+        assert said.strip().splitlines()[-1] == (
+            "version 1 of ann's model is active (was version 2); generations that name no "
+            "version use it")
+        # Its log line (the CLI's logging writes to the output), before the activation's.
+        assert ("WARNING selfie_lora.cli: version 1 is active; why the gate has not decided on "
+                "it could not be read: database error: database is locked") in said, said
+        assert run("activate", "2", "--user", "ann")[0] == 0
 
 
 def test_compare_says_what_a_lock_left_of_a_version_not_being_scored(
