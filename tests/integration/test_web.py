@@ -44,6 +44,7 @@ from selfie_lora.domain.plan import (
 )
 from selfie_lora.errors import (
     ConflictError,
+    DatabaseLockedError,
     DatabaseUnreachableError,
     ErrorCode,
     GenerationError,
@@ -54,6 +55,7 @@ from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY, chart_key
 from selfie_lora.services.likeness import grid_text
 from selfie_lora.services.ports import BlobStream, ProgressSink, TrainingJob, TrainingResult
+from selfie_lora.services.training import TrainingService
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.web.app import WEB_ROOT
@@ -2847,6 +2849,25 @@ def test_what_the_next_attempt_does_with_a_version_a_lock_left_is_said_not_still
         "Use version 2 from now on? New pictures will use it, although its training is being "
         "canceled: the gate will not decide on it. You can switch back at any time.",
         "Yes, use version 2 although its training is being canceled")
+
+
+def test_the_generate_page_is_shown_when_what_a_lock_left_cannot_be_read(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why the gate has not decided on a pending version is a note in the version list: its
+    read failing (a lock or a statement timeout, the situation it words) turned the whole
+    Generate page into an error page (review 3 N2). Now the list shows the usual words."""
+    _, _, v2 = _two_versions_the_first_active(ann, svc)
+    stepped_away_on_a_lock(svc, v2, scored=False)
+
+    def locked(self: TrainingService, *, versions: object) -> None:
+        raise DatabaseLockedError("database error: database is locked", lock=True)
+
+    monkeypatch.setattr(TrainingService, "undecided_of", locked)
+    r = ann.get("/generate")
+    assert r.status_code == 200, r.text
+    found = re.search(r'<option value="2"[^>]*>([^<]*)</option>', r.text)
+    assert found
+    assert html.unescape(found.group(1)) == "v2 (its likeness still being scored)"
 
 
 def test_a_version_without_its_weights_is_refused_on_the_pages_not_a_500(

@@ -5,6 +5,7 @@ they are given."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import secrets
 import threading
@@ -76,7 +77,7 @@ from selfie_lora.services.generation import (
 from selfie_lora.services.likeness import grid_text
 from selfie_lora.services.models import before_version_number, version_number_below
 from selfie_lora.services.ports import MAX_SEED
-from selfie_lora.services.training import UploadResult
+from selfie_lora.services.training import TrainingService, UploadResult
 from selfie_lora.web.app import (
     FORM_NOT_DONE,
     POLL_SESSION_ENDED,
@@ -91,6 +92,7 @@ from selfie_lora.web.cookies import (
     SESSION_COOKIE,
 )
 
+logger = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 # Portrait styles for the generate page: the trigger word is added by the service.
@@ -942,6 +944,19 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
                      typed={**typed, "lora_scale": None} if any(typed.values()) else None)
 
 
+def _undecided_of(training: TrainingService,
+                  versions: Sequence[Version]) -> Mapping[str, Undecided]:
+    """``TrainingService.undecided_of`` for the Generate page's version list: a note there, so
+    its read failing (a lock or a statement timeout, the very situation it words) is logged and
+    the list shows the usual words, where it made the whole page an error page."""
+    try:
+        return training.undecided_of(versions=versions)
+    except SelfieLoraError as exc:
+        logger.warning("the Generate page's version list without why the gate has not decided "
+                       "on a pending version: %s", exc.message)
+        return {}
+
+
 def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: float | None,
               status_code: int = 200, **context: Any) -> HTMLResponse:
     """The Generate page; ``context``: the scale form's refusal (``scale_error``) and the values
@@ -974,8 +989,8 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
                       versions=versions, version=version,
                       # What the list says of a pending version: "still being scored" was
                       # said of one whose worker stepped away on a database lock too.
-                      undecided={vid: UNDECIDED_NOTES[why] for vid, why in
-                                 svc.training.undecided_of(versions=versions).items()},
+                      undecided={vid: UNDECIDED_NOTES[why]
+                                 for vid, why in _undecided_of(svc.training, versions).items()},
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, before=before or None,
