@@ -34,7 +34,7 @@ from selfie_lora.errors import (
     DatabaseUnreachableError,
     StorageError,
 )
-from selfie_lora.services.likeness import LikenessService
+from selfie_lora.services.likeness import AlertSends, LikenessService
 from selfie_lora.services.ports import BlobStream, ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.services.training import REMOTE_STORAGE_WAIT_LIMIT, TrainingService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -571,7 +571,7 @@ def test_a_failing_alert_claim_does_not_keep_an_owed_remote_cancel_waiting(
     Each part runs; the error is raised after them, for the loop to say once."""
     remote_id = _owing_a_remote_cancel(rig)
 
-    def claim_fails(self: LikenessService, *, limit: int = 10) -> int:
+    def claim_fails(self: LikenessService, *, sends: AlertSends | None = None) -> int:
         # A lock as the repository raises it (SQLite's write lock held past its busy timeout).
         raise DatabaseLockedError("database error: database is locked", lock=True)
 
@@ -609,7 +609,7 @@ def test_a_database_away_for_every_part_of_a_reconcile_pass_is_raised_once_and_s
 
     caplog.clear()
 
-    def bug(self: LikenessService, *, limit: int = 10) -> int:
+    def bug(self: LikenessService, *, sends: AlertSends | None = None) -> int:
         raise KeyError("alert")
 
     monkeypatch.setattr(LikenessService, "deliver_due_alerts", bug)
@@ -639,9 +639,9 @@ def test_a_reconcile_pass_on_a_hung_database_waits_once_not_once_a_part(
         database.meet("trainings", repository=True)
         return active(self)
 
-    def deliver_due_alerts(self: LikenessService, *, limit: int = 10) -> int:
+    def deliver_due_alerts(self: LikenessService, *, sends: AlertSends | None = None) -> int:
         database.meet("alerts", repository=True)
-        return deliver(self, limit=limit)
+        return deliver(self, sends=sends)
 
     def remote_cancels_pending(self: SqlRepository) -> Any:
         database.meet("cancels", repository=True)
