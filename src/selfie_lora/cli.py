@@ -1617,11 +1617,12 @@ def versions_cmd(
         active_id = services.models.get(user=owner).active_version_id  # no model: said
         base = services.settings.public_url_base
         listed = services.models.versions_with_likeness(user=owner)
-        found = [version_json(v, record, base=base) for v, record in listed]
-        # The cells as the Versions page words them (domain.likeness), by version id.
-        cells = {v.id: (likeness_cell(v, record), gate_cell(v)) for v, record in listed}
         # Why the gate has not decided on a pending one, where a database lock is why.
         undecided = services.training.undecided_of(versions=[v for v, _ in listed])
+        found = [version_json(v, record, base=base, waiting=undecided.get(v.id))
+                 for v, record in listed]
+        # The cells as the Versions page words them (domain.likeness), by version id.
+        cells = {v.id: (likeness_cell(v, record), gate_cell(v)) for v, record in listed}
     if as_json:
         sys.stdout.write(json.dumps({"versions": found, "older": None}) + "\n")
         return

@@ -22,8 +22,10 @@ from typer.testing import CliRunner
 from selfie_lora import cli
 from selfie_lora.domain.entities import GateStatus, Version
 from selfie_lora.domain.likeness import (
+    UNDECIDED_WORDS,
     IdentityScores,
     LikenessStatus,
+    Undecided,
     VersionLikeness,
     gate_cell,
     likeness_cell,
@@ -384,6 +386,23 @@ def test_activate_says_the_activation_when_what_a_lock_left_cannot_be_read(
         assert ("WARNING selfie_lora.cli: version 1 is active; why the gate has not decided on "
                 "it could not be read: database error: database is locked") in said, said
         assert run("activate", "2", "--user", "ann")[0] == 0
+
+
+def test_versions_json_and_the_api_say_why_a_lock_left_a_version_pending(
+        trained: Services, client: TestClient) -> None:
+    """GET /api/model/versions and 'versions --json' gave a version a database lock left pending
+    as "pending" alone, where the pages and 'versions' say why: the gate's ``waiting`` carries
+    the case and the Versions page's words; null for every other version."""
+    with _v1_as_it_was(trained) as v1:
+        for scored, why in [(False, "scoring_kept_waiting"), (True, "judging_kept_waiting")]:
+            stepped_away_on_a_lock(trained, v1, scored=scored)
+            api = client.get("/api/model/versions", headers=ann_headers(trained))
+            assert api.status_code == 200, api.text
+            gates = {v["number"]: v["gate"] for v in api.json()["versions"]}
+            assert gates[1]["status"] == "pending"
+            assert gates[1]["waiting"] == {"why": why, "words": UNDECIDED_WORDS[Undecided(why)]}
+            assert all(gate["waiting"] is None for number, gate in gates.items() if number != 1)
+            assert as_json("versions", "--user", "ann") == api.json()
 
 
 def test_compare_says_what_a_lock_left_of_a_version_not_being_scored(

@@ -51,7 +51,9 @@ class VersionAnswer(BaseModel):
     remote_version: str | None
     version_mismatch: bool
     created_at: str
-    gate: dict[str, Any] = Field(description="The likeness gate's state, reason and scores.")
+    gate: dict[str, Any] = Field(
+        description="The likeness gate's state, reason and scores; in the versions list, "
+                    "``waiting``: why a pending version a database lock left waits.")
     quality: dict[str, Any] | None = Field(description="The headline likeness scores.")
     quality_url: str
     alert: dict[str, Any] | None

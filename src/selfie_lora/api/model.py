@@ -72,7 +72,10 @@ def versions(user: UserDep, svc: ServicesDep, base: UrlBaseDep, limit: int | Non
     # A ``before`` of any length, as GET /api/generations' (and this route's CLI and page):
     # a number of any size past every version's is the newest page, as README says.
     page = svc.models.versions_page(user=user, limit=limit, before=before)
-    return {"versions": [version_json(v, record, base=base) for v, record in page.versions],
+    # Why a pending one waits, where a database lock is why (the Versions page's words).
+    waiting = svc.training.undecided_of(versions=[v for v, _ in page.versions])
+    return {"versions": [version_json(v, record, base=base, waiting=waiting.get(v.id))
+                         for v, record in page.versions],
             "older": page.older}
 
 

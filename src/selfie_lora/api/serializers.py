@@ -9,7 +9,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 from selfie_lora.domain.entities import ApiKey, Dataset, Generation, Model, Training, TrainingStatus, Version
-from selfie_lora.domain.likeness import LikenessFacts, ProbeResult, VersionLikeness
+from selfie_lora.domain.likeness import (
+    UNDECIDED_WORDS,
+    LikenessFacts,
+    ProbeResult,
+    Undecided,
+    VersionLikeness,
+)
 from selfie_lora.services.generation import withheld_pictures
 from selfie_lora.services.likeness import Comparison
 from selfie_lora.services.models import ModelOverview
@@ -33,13 +39,18 @@ def alert_json(v: Version) -> dict[str, Any] | None:
     return {**v.alert, "delivery": {**delivery, "error": error}}
 
 
-def gate_json(v: Version) -> dict[str, Any]:
-    """The likeness gate's decision on a version."""
+def gate_json(v: Version, *, waiting: Undecided | None = None) -> dict[str, Any]:
+    """The likeness gate's decision on a version; ``waiting``: why a pending one waits when a
+    database lock stopped its scoring or its judging (``TrainingService.undecided_of``)."""
     details = v.gate_details
     override = details.get("override")
     return {
         "status": str(v.gate_status),
         "reason": v.gate_reason,
+        # The Versions page's words for it, and which case: null when no lock is why (or the
+        # answer is not the versions list, which reads it).
+        "waiting": ({"why": str(waiting), "words": UNDECIDED_WORDS[waiting]}
+                    if waiting is not None else None),
         "baseline_version_id": details.get("baseline_version_id"),
         "tolerance": details.get("tolerance"),
         "before": details.get("before"),
@@ -75,8 +86,9 @@ def likeness_summary_json(q: LikenessFacts | None) -> dict[str, Any] | None:
 
 
 def version_json(v: Version, quality: LikenessFacts | None = None, *,
-                 base: str = "") -> dict[str, Any]:
-    """A version; its URLs start with ``base`` (``Settings.public_url_base``)."""
+                 base: str = "", waiting: Undecided | None = None) -> dict[str, Any]:
+    """A version; its URLs start with ``base`` (``Settings.public_url_base``); ``waiting``: see
+    ``gate_json``."""
     return {
         "id": v.id,
         "number": v.number,
@@ -88,7 +100,7 @@ def version_json(v: Version, quality: LikenessFacts | None = None, *,
         "remote_version": v.remote_version,
         "version_mismatch": v.version_mismatch,
         "created_at": v.created_at.isoformat(),
-        "gate": gate_json(v),
+        "gate": gate_json(v, waiting=waiting),
         "quality": likeness_summary_json(quality),
         "quality_url": f"{base}/api/model/versions/{v.id}/quality",
         "alert": alert_json(v),
