@@ -944,7 +944,7 @@ def test_the_reconcile_pass_sends_a_bounded_number_of_unjudged_alerts(
         third = _another_left_undecided(rig, monkeypatch)
         versions = [rig.version(second), rig.version(third)]
         assert all(v.gate_status is GateStatus.PENDING for v in versions)
-        monkeypatch.setattr("selfie_lora.services.training.ALERTS_PER_PASS", 1)
+        monkeypatch.setattr("selfie_lora.services.likeness.ALERTS_PER_PASS", 1)
         rig.services.training.reconcile()
         versions = [rig.version(second), rig.version(third)]
         assert all(v.gate_status is GateStatus.HELD for v in versions)
@@ -969,7 +969,7 @@ def test_the_reconcile_pass_s_due_and_unjudged_alerts_share_one_send_budget(
     try:
         second, third, later = _due_and_left_undecided(rig, monkeypatch)
         # The second's alert due, the third's version to hold: both kinds, past a budget of 1.
-        monkeypatch.setattr("selfie_lora.services.training.ALERTS_PER_PASS", 1)
+        monkeypatch.setattr("selfie_lora.services.likeness.ALERTS_PER_PASS", 1)
         report = rig.services.training.reconcile()
         assert report.alerts_tried == 1
         assert rig.version(third).gate_status is GateStatus.HELD

@@ -818,6 +818,14 @@ class LikenessService:
         # What the round goes on from is how this endpoint answered, recorded or not.
         return bool(delivery["delivered"])
 
+    def alert_sends(self, *, stopping: threading.Event | None = None,
+                    monotonic: Callable[[], float] = time.monotonic) -> AlertSends:
+        """A reconcile pass's budget of alert sends (``AlertSends``): ``ALERTS_PER_PASS`` sends
+        within ``ALERT_SENDS_SECONDS``, each taking up to this service's alert timeout."""
+        return AlertSends(count=ALERTS_PER_PASS, seconds=ALERT_SENDS_SECONDS,
+                          send_seconds=self.alert_timeout, stopping=stopping,
+                          monotonic=monotonic)
+
     def deliver_due_alerts(self, *, sends: AlertSends | None = None) -> int:
         """Send the alerts that are due: those whose sender died before sending, and failed
         deliveries whose next attempt has come; how many were tried. Called by every
@@ -831,8 +839,7 @@ class LikenessService:
         if self._alerter is None:
             return 0
         if sends is None:
-            sends = AlertSends(count=ALERTS_PER_PASS, seconds=ALERT_SENDS_SECONDS,
-                               send_seconds=self.alert_timeout)
+            sends = self.alert_sends()
         if not sends.allowed():
             return 0
         now = self._clock()

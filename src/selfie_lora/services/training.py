@@ -174,8 +174,6 @@ from selfie_lora.services.common import (
 from selfie_lora.services.intake import IntakeService, PreparedDataset
 from selfie_lora.services.layout import manifest_key, photo_key, weights_key
 from selfie_lora.services.likeness import (
-    ALERT_SENDS_SECONDS,
-    ALERTS_PER_PASS,
     AlertSends,
     BaselinePhotosUnreadableError,
     GateVerdict,
@@ -1178,9 +1176,7 @@ class TrainingService:
         # sends (the endpoint is likely down: the holds' first send cost the pass one more
         # timeout). The unsent stay due for the next passes (a hold's: due at once when the
         # budget was spent before it, claimed then due when spent during it).
-        sends = AlertSends(count=ALERTS_PER_PASS, seconds=ALERT_SENDS_SECONDS,
-                           send_seconds=self._likeness.alert_timeout, stopping=stopping,
-                           monotonic=self._monotonic)
+        sends = self._likeness.alert_sends(stopping=stopping, monotonic=self._monotonic)
         if not _unanswered(failures, skipping="sending the alerts that are due"):
             failed = len(failures)
             with _reconcile_part(failures, "sending the alerts that are due"):
